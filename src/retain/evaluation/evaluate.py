@@ -1,0 +1,124 @@
+"""Accuracy of a model on tensors and on the test split of every task.
+
+The model is any ``torch.nn.Module`` whose ``forward(x, task_id=None)`` returns logits of
+shape ``(B, C)``. Evaluation runs in eval mode under ``torch.inference_mode()`` and puts
+every module back in the train/eval mode it was in before, so it is safe to call in the
+middle of training.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any, Protocol
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import TensorDataset
+
+__all__ = ["EvalTask", "accuracy", "accuracy_row"]
+
+
+class EvalTask(Protocol):
+    """What :func:`accuracy_row` needs from a task: its id, classes and test split."""
+
+    task_id: str
+    classes: list[int]
+    test: TensorDataset
+
+
+def _device_of(model: nn.Module) -> torch.device:
+    """Device of the model's first parameter (or buffer); CPU for a stateless model."""
+    for t in model.parameters():
+        return t.device
+    for t in model.buffers():
+        return t.device
+    return torch.device("cpu")
+
+
+def accuracy(
+    model: nn.Module,
+    inputs: Tensor,
+    targets: Tensor,
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 1024,
+    task_id: Any = None,
+    classes: Sequence[int] | None = None,
+) -> float:
+    """Fraction of ``inputs`` whose arg-max logit equals ``targets``.
+
+    Batches of ``batch_size`` are moved to the model's device, passed through
+    ``transform`` (a callable on batched tensors, e.g. uint8 -> normalised float) and then
+    through ``model(x, task_id)``. When ``classes`` is given (task-incremental
+    evaluation), logits of all other classes are set to ``-inf`` before the arg-max, so
+    the prediction is restricted to the task's own classes. Correct predictions are
+    counted on the device and synchronised once at the end.
+
+    Raises ``ValueError`` for an empty input, mismatched lengths or an empty ``classes``.
+    """
+    n = inputs.shape[0]
+    if targets.shape[0] != n:
+        raise ValueError(f"inputs ({n}) and targets ({targets.shape[0]}) differ in length")
+    if n == 0:
+        raise ValueError("cannot compute accuracy on an empty input")
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if classes is not None and len(classes) == 0:
+        raise ValueError("classes must name at least one class")
+
+    device = _device_of(model)
+    modes = [(m, m.training) for m in model.modules()]
+    keep: Tensor | None = None
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for start in range(0, n, batch_size):
+                x = inputs[start : start + batch_size].to(device, non_blocking=True)
+                y = targets[start : start + batch_size].to(device, non_blocking=True).reshape(-1)
+                if transform is not None:
+                    x = transform(x)
+                logits = model(x, task_id)
+                if classes is not None:
+                    if keep is None:
+                        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                        keep[torch.as_tensor(list(classes), dtype=torch.long, device=device)] = True
+                    logits = logits.masked_fill(~keep, float("-inf"))
+                correct += (logits.argmax(dim=-1) == y).sum()
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+    return correct.item() / n
+
+
+def accuracy_row(
+    model: nn.Module,
+    tasks: Sequence[EvalTask],
+    *,
+    transform: Callable[[Tensor], Tensor] | None = None,
+    batch_size: int = 1024,
+    task_incremental: bool = False,
+) -> list[float]:
+    """Accuracy on the test split of every task, in order: one row of the accuracy matrix.
+
+    ``task.test.tensors`` must start with ``(inputs, targets)``. With
+    ``task_incremental=True`` the model gets the task identity (``task_id=task.task_id``)
+    and predictions are restricted to ``task.classes``; otherwise (class- and
+    domain-incremental) the model gets ``task_id=None`` and must predict among all
+    classes, since the task is not known at test time in those scenarios.
+    """
+    row = []
+    for task in tasks:
+        inputs, targets = task.test.tensors[:2]
+        row.append(
+            accuracy(
+                model,
+                inputs,
+                targets,
+                transform=transform,
+                batch_size=batch_size,
+                task_id=task.task_id if task_incremental else None,
+                classes=task.classes if task_incremental else None,
+            )
+        )
+    return row

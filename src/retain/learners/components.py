@@ -1,0 +1,327 @@
+"""Components: small, named, weighted pieces of a replay learner (Renate's design).
+
+A loss component returns ``weight * term`` computed on a memory batch; the learner adds the
+terms to its base loss. ``sample_new_memory_batch`` asks for a freshly drawn memory batch instead
+of the one the previous component used. Components can also act when training starts and after
+each optimizer step, and carry state that is saved in the state folder.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from retain.learners.base import Checkpoint
+from retain.memory import MemoryBatch
+
+LOGITS = "logits"
+
+
+def feature_name(i: int) -> str:
+    return f"intermediate_representation_{i}"
+
+
+class Component:
+    """Base component: no loss, no action. Subclasses override what they need."""
+
+    needs_logits = False  # store the current logits in memory metadata
+    needs_features = False  # store the intermediate representations in memory metadata
+
+    def __init__(self, weight: float = 0.0, sample_new_memory_batch: bool = False) -> None:
+        self.weight = float(weight)
+        self.sample_new_memory_batch = bool(sample_new_memory_batch)
+
+    @property
+    def is_loss(self) -> bool:
+        """True when this component adds a term to the loss (a loss with weight 0 adds none)."""
+        return type(self).loss is not Component.loss and self.weight != 0.0
+
+    def loss(
+        self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
+    ) -> Tensor:
+        raise NotImplementedError
+
+    @property
+    def served_model(self) -> nn.Module | None:
+        """A model this component wants served instead of the working model (CLS-ER's stable copy)."""
+        return None
+
+    def on_model_update_start(self, model: nn.Module, task_id: str) -> None:
+        pass
+
+    def on_train_start(self, model: nn.Module) -> None:
+        pass
+
+    def on_train_batch_end(self, model: nn.Module) -> None:
+        pass
+
+    def on_save_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        pass
+
+    def on_load_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        pass
+
+
+class WeightedCustomLossComponent(Component):
+    """``weight * mean(loss_fn(outputs, stored targets))`` on memory items: ER's replay term and
+    DER++'s beta term."""
+
+    def __init__(
+        self, loss_fn: Callable[[Tensor, Tensor], Tensor], weight: float, sample_new_memory_batch: bool
+    ) -> None:
+        super().__init__(weight, sample_new_memory_batch)
+        self.loss_fn = loss_fn
+
+    def loss(
+        self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
+    ) -> Tensor:
+        return self.weight * self.loss_fn(outputs_memory, batch_memory.targets).mean()
+
+
+class WeightedMeanSquaredErrorLossComponent(Component):
+    """``weight * mean((z - z_stored)^2)`` over items and classes: DER's alpha term, with the
+    logits ``z_stored`` recorded when the item entered the memory (refreshed by the EMA)."""
+
+    needs_logits = True
+
+    def loss(
+        self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
+    ) -> Tensor:
+        return self.weight * F.mse_loss(outputs_memory.float(), batch_memory.metadata[LOGITS])
+
+
+POD_TYPES = ("spatial", "channel", "width", "height", "gap", "flat")
+
+
+def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
+    """PODNet's pooling of squared activations, flattened per sample.
+
+    Feature maps are (B, C, H, W); a fully connected layer's (B, D) activations are treated as
+    (B, D, 1, 1), so its 'spatial' vector is its squared activations (twice).
+    ``spatial`` = [sum over H, sum over W] (PODNet's pod-spatial); ``width`` = sum over W;
+    ``height`` = sum over H; ``channel`` = sum over C; ``gap`` = mean over H and W; ``flat`` = none.
+    """
+    if h.dim() == 2:
+        h = h[:, :, None, None]
+    if h.dim() != 4:
+        raise ValueError(f"POD needs features of shape (B, D) or (B, C, H, W), got {tuple(h.shape)}")
+    a = h.float().pow(2)
+    if distillation_type == "spatial":
+        return torch.cat([a.sum(dim=2).flatten(1), a.sum(dim=3).flatten(1)], dim=1)
+    if distillation_type == "width":
+        return a.sum(dim=3).flatten(1)
+    if distillation_type == "height":
+        return a.sum(dim=2).flatten(1)
+    if distillation_type == "channel":
+        return a.sum(dim=1).flatten(1)
+    if distillation_type == "gap":
+        return h.float().mean(dim=(2, 3))
+    if distillation_type == "flat":
+        return a.flatten(1)
+    raise ValueError(f"distillation_type {distillation_type!r} unknown; choose one of {', '.join(POD_TYPES)}")
+
+
+def pod_loss(
+    current: list[Tensor], stored: list[Tensor], distillation_type: str = "spatial", normalize: bool = True
+) -> Tensor:
+    """Mean over layers of the mean over samples of ||pool(current) - pool(stored)||_2."""
+    if not current:
+        raise ValueError(
+            "POD needs intermediate representations, but the model exposes none: append the features of "
+            "the layers to distil to self._intermediate_representation_cache in get_features"
+        )
+    if len(current) != len(stored):
+        raise ValueError(f"POD: the model exposes {len(current)} layers but the memory stores {len(stored)}")
+    total = current[0].new_zeros((), dtype=torch.float32)
+    for h_cur, h_old in zip(current, stored, strict=True):
+        a, b = pod_pool(h_cur, distillation_type), pod_pool(h_old, distillation_type)
+        if normalize:
+            a, b = F.normalize(a, dim=1, p=2), F.normalize(b, dim=1, p=2)
+        total = total + torch.linalg.vector_norm(a - b, dim=1).mean()
+    return total / len(current)
+
+
+class WeightedPooledOutputDistillationLossComponent(Component):
+    """``weight * POD`` between the current and the stored intermediate representations."""
+
+    needs_features = True
+
+    def __init__(
+        self,
+        weight: float,
+        sample_new_memory_batch: bool,
+        distillation_type: str = "spatial",
+        normalize: bool | int = True,
+    ) -> None:
+        super().__init__(weight, sample_new_memory_batch)
+        if distillation_type not in POD_TYPES:
+            raise ValueError(f"distillation_type {distillation_type!r} unknown; choose one of {', '.join(POD_TYPES)}")
+        self.distillation_type = distillation_type
+        self.normalize = bool(normalize)
+
+    def loss(
+        self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
+    ) -> Tensor:
+        stored = [
+            batch_memory.metadata[feature_name(i)]
+            for i in range(len(intermediate_representation_memory))
+            if feature_name(i) in batch_memory.metadata
+        ]
+        return self.weight * pod_loss(
+            intermediate_representation_memory, stored, self.distillation_type, self.normalize
+        )
+
+
+@torch.no_grad()
+def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
+    """``target = decay * target + (1 - decay) * source`` for parameters and float buffers; other
+    buffers (BatchNorm's step counter) are copied."""
+    for t, s in zip(target.parameters(), source.parameters(), strict=True):
+        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    for t, s in zip(target.buffers(), source.buffers(), strict=True):
+        if t.dtype.is_floating_point:
+            t.mul_(decay).add_(s, alpha=1.0 - decay)
+        else:
+            t.copy_(s)
+
+
+class WeightedCLSLossComponent(Component):
+    """CLS-ER's consistency term (Arani et al., ICLR 2022).
+
+    A plastic and a stable copy of the working model are kept as exponential moving averages.
+    For each memory item the teacher is the copy whose softmax gives the true class the higher
+    probability; the term is ``weight * mean((z_working - z_teacher)^2)``. After each optimizer
+    step, with probability ``plastic_model_update_probability`` (resp. stable) the copy becomes
+    ``d * copy + (1 - d) * working`` with ``d = min(1 - 1 / (step + 1), update_weight)``, ``step``
+    counting optimizer steps over all updates. The copies run in eval mode. The stable copy is
+    the model CLS-ER predicts with.
+    """
+
+    def __init__(
+        self,
+        weight: float,
+        sample_new_memory_batch: bool,
+        model: nn.Module,
+        plastic_model_update_weight: float = 0.999,
+        stable_model_update_weight: float = 0.999,
+        plastic_model_update_probability: float = 0.9,
+        stable_model_update_probability: float = 0.7,
+        seed: int = 0,
+    ) -> None:
+        super().__init__(weight, sample_new_memory_batch)
+        for name, p in [
+            ("plastic_model_update_probability", plastic_model_update_probability),
+            ("stable_model_update_probability", stable_model_update_probability),
+            ("plastic_model_update_weight", plastic_model_update_weight),
+            ("stable_model_update_weight", stable_model_update_weight),
+        ]:
+            if not 0.0 <= p <= 1.0:
+                raise ValueError(f"{name} must lie in [0, 1], got {p!r}")
+        self.plastic_model_update_weight = plastic_model_update_weight
+        self.stable_model_update_weight = stable_model_update_weight
+        self.plastic_model_update_probability = plastic_model_update_probability
+        self.stable_model_update_probability = stable_model_update_probability
+        self.plastic_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.stable_model = copy.deepcopy(model).eval().requires_grad_(False)
+        self.generator = torch.Generator().manual_seed(int(seed))
+        self.step = 0
+        self.task_id: str | None = None
+
+    def loss(
+        self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
+    ) -> Tensor:
+        with torch.no_grad():
+            stable = self.stable_model(batch_memory.inputs, self.task_id)
+            plastic = self.plastic_model(batch_memory.inputs, self.task_id)
+            y = batch_memory.targets.unsqueeze(1)
+            stable_p = stable.float().softmax(1).gather(1, y)
+            plastic_p = plastic.float().softmax(1).gather(1, y)
+            teacher = torch.where(stable_p > plastic_p, stable, plastic)
+        return self.weight * F.mse_loss(outputs_memory.float(), teacher.float())
+
+    def on_train_batch_end(self, model: nn.Module) -> None:
+        self.step += 1
+        draws = torch.rand(2, generator=self.generator).tolist()  # CPU generator: no device sync
+        if draws[0] < self.plastic_model_update_probability:
+            ema_update(self.plastic_model, model, min(1.0 - 1.0 / (self.step + 1), self.plastic_model_update_weight))
+        if draws[1] < self.stable_model_update_probability:
+            ema_update(self.stable_model, model, min(1.0 - 1.0 / (self.step + 1), self.stable_model_update_weight))
+
+    @property
+    def served_model(self) -> nn.Module:
+        return self.stable_model
+
+    def on_model_update_start(self, model: nn.Module, task_id: str) -> None:
+        """Gives the copies a head for a new task id (initialised from the working model's)."""
+        self.task_id = task_id
+        for copy_model in (self.plastic_model, self.stable_model):
+            if task_id not in copy_model.heads:
+                copy_model.heads[task_id] = copy.deepcopy(model.heads[task_id]).requires_grad_(False)
+
+    def on_save_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        checkpoint["json"][f"{prefix}step"] = self.step
+        checkpoint["tensors"][f"{prefix}generator_state"] = self.generator.get_state().clone()
+        for name, m in (("plastic_model", self.plastic_model), ("stable_model", self.stable_model)):
+            for key, value in m.state_dict().items():
+                checkpoint["tensors"][f"{prefix}{name}.{key}"] = value
+
+    def on_load_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        self.step = int(checkpoint["json"][f"{prefix}step"])
+        self.generator.set_state(checkpoint["tensors"][f"{prefix}generator_state"].to(torch.uint8))
+        for name, m in (("plastic_model", self.plastic_model), ("stable_model", self.stable_model)):
+            for task_id in _head_ids(checkpoint["tensors"], f"{prefix}{name}."):
+                if task_id not in m.heads:
+                    m.add_task_params(task_id)
+            state = {
+                k[len(prefix) + len(name) + 1 :]: v
+                for k, v in checkpoint["tensors"].items()
+                if k.startswith(f"{prefix}{name}.")
+            }
+            m.load_state_dict(state, strict=True)
+
+
+def _head_ids(tensors: dict[str, Any], prefix: str) -> list[str]:
+    ids = []
+    for key in tensors:
+        if key.startswith(prefix + "heads."):
+            task_id = key[len(prefix) + len("heads.") :].split(".")[0]
+            if task_id not in ids:
+                ids.append(task_id)
+    return ids
+
+
+class ShrinkAndPerturbReinitializationComponent(Component):
+    """Shrink and perturb (Ash & Adams, NeurIPS 2020): when an update starts, every parameter
+    becomes ``shrink_factor * w + N(0, sigma^2)`` noise."""
+
+    def __init__(self, shrink_factor: float, sigma: float, seed: int = 0) -> None:
+        super().__init__(weight=0.0, sample_new_memory_batch=False)
+        if sigma < 0:
+            raise ValueError(f"sigma must be >= 0, got {sigma!r}")
+        self.shrink_factor = float(shrink_factor)
+        self.sigma = float(sigma)
+        self.generator = torch.Generator().manual_seed(int(seed))
+
+    @torch.no_grad()
+    def on_train_start(self, model: nn.Module) -> None:
+        for p in model.parameters():
+            noise = torch.randn(p.shape, generator=self.generator, dtype=p.dtype).to(p.device)
+            p.mul_(self.shrink_factor).add_(noise, alpha=self.sigma)
+
+    def on_save_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        checkpoint["tensors"][f"{prefix}generator_state"] = self.generator.get_state().clone()
+
+    def on_load_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
+        self.generator.set_state(checkpoint["tensors"][f"{prefix}generator_state"].to(torch.uint8))
+
+
+def describe_components(components: dict[str, Component]) -> dict[str, Any]:
+    return {
+        name: {"type": type(c).__name__, "weight": c.weight, "sample_new_memory_batch": c.sample_new_memory_batch}
+        for name, c in components.items()
+    }

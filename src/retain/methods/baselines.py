@@ -1,0 +1,112 @@
+"""The lower and upper bounds of every results table: fine-tuning and joint training."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import Dataset, TensorDataset
+
+from retain.batching import materialize
+from retain.learners.base import Checkpoint, Learner
+from retain.models.base import ContinualModel
+from retain.updaters.base import SingleTrainingLoopUpdater
+
+
+class FineTuningModelUpdater(SingleTrainingLoopUpdater):
+    """Trains on each new chunk alone, with no memory: the lower bound (it forgets)."""
+
+    def __init__(
+        self,
+        model: ContinualModel,
+        loss_fn: nn.Module | None = None,
+        optimizer: Any = None,
+        input_state_folder: Any = None,
+        output_state_folder: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            optimizer,
+            learner_class=Learner,
+            input_state_folder=input_state_folder,
+            output_state_folder=output_state_folder,
+            **options,
+        )
+
+
+def reset_parameters(model: nn.Module) -> None:
+    """Re-initialises every submodule that has ``reset_parameters`` (draws from the global generator)."""
+    for module in model.modules():
+        if module is not model and hasattr(module, "reset_parameters"):
+            module.reset_parameters()
+
+
+class JointLearner(Learner):
+    """Keeps every item seen (as tensors, saved in the state folder) and, at each update,
+    re-initialises the model and trains it from scratch on all of them: the upper bound."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self.seen_inputs: Tensor | None = None
+        self.seen_targets: Tensor | None = None
+
+    def on_model_update_start(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None,
+        train_dataset_collate_fn: Any = None,
+        val_dataset_collate_fn: Any = None,
+        task_id: str | None = None,
+    ) -> None:
+        inputs, targets = materialize(train_dataset, train_dataset_collate_fn)
+        inputs, targets = inputs.cpu(), targets.cpu()
+        if self.seen_inputs is not None and self.seen_targets is not None:
+            if inputs.shape[1:] != self.seen_inputs.shape[1:]:
+                raise ValueError(
+                    f"train_dataset: inputs of per-item shape {tuple(inputs.shape[1:])} differ from the "
+                    f"{tuple(self.seen_inputs.shape[1:])} of earlier updates"
+                )
+            inputs = torch.cat([self.seen_inputs, inputs.to(self.seen_inputs.dtype)])
+            targets = torch.cat([self.seen_targets, targets.to(self.seen_targets.dtype)])
+        self.seen_inputs, self.seen_targets = inputs, targets
+        super().on_model_update_start(
+            TensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id
+        )
+        reset_parameters(self.model)
+
+    def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
+        if self.seen_inputs is not None and self.seen_targets is not None:
+            checkpoint["tensors"]["seen_inputs"] = self.seen_inputs
+            checkpoint["tensors"]["seen_targets"] = self.seen_targets
+
+    def on_load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        self.seen_inputs = checkpoint["tensors"].get("seen_inputs")
+        self.seen_targets = checkpoint["tensors"].get("seen_targets")
+
+
+class JointModelUpdater(SingleTrainingLoopUpdater):
+    """Joint training on all data seen so far (kept in the state folder as two tensor entries)."""
+
+    def __init__(
+        self,
+        model: ContinualModel,
+        loss_fn: nn.Module | None = None,
+        optimizer: Any = None,
+        input_state_folder: Any = None,
+        output_state_folder: Any = None,
+        **options: Any,
+    ) -> None:
+        super().__init__(
+            model,
+            loss_fn,
+            optimizer,
+            learner_class=JointLearner,
+            input_state_folder=input_state_folder,
+            output_state_folder=output_state_folder,
+            **options,
+        )

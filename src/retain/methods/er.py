@@ -1,0 +1,446 @@
+"""The experience-replay family of the spec's ``er`` module: ER, DER/DER++, POD-ER, CLS-ER, Super-ER.
+
+Every method is ``BaseExperienceReplayLearner`` plus a list of components; every updater is a
+thin class that names the method's own options. The step, for a new batch ``(x, y)``:
+
+    m      = memory.sample(k)                       # first memory batch, joined to x in one forward
+    z      = model(cat(T(x), m.x))
+    loss   = loss_weight * CE(z[:n], y)
+           + sum_c component_c(z on its memory batch)   # each draws a fresh batch if it asks to
+    loss  /= loss_weight + sum of weights used      # when loss_normalization
+    optimizer step; memory.add(x, y, logits=z[:n], features=...); EMA of replayed metadata
+"""
+
+from __future__ import annotations
+
+import inspect
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from retain.learners.base import Batch, Checkpoint, ReplayLearner
+from retain.learners.components import (
+    LOGITS,
+    Component,
+    ShrinkAndPerturbReinitializationComponent,
+    WeightedCLSLossComponent,
+    WeightedCustomLossComponent,
+    WeightedMeanSquaredErrorLossComponent,
+    WeightedPooledOutputDistillationLossComponent,
+    feature_name,
+)
+from retain.memory import MemoryBatch
+from retain.models.base import ContinualModel
+from retain.options import TrainingOptions
+from retain.updaters.base import SingleTrainingLoopUpdater
+
+
+class BaseExperienceReplayLearner(ReplayLearner):
+    """Experience replay over a reservoir memory, for the online setting (one pass per chunk).
+
+    Differences from the spec, with the behaviour kept: the first memory batch is joined to the
+    new batch in one forward pass (as in the ER and CLS-ER papers' code; BatchNorm then sees
+    both); ``loss_normalization`` divides by the weights of the terms present in the step (during
+    the first update the memory is empty and the base loss is not scaled down); memory writes
+    happen in ``on_train_batch_end`` (Lightning 2 has no ``training_step_end``).
+    """
+
+    def __init__(
+        self,
+        components: dict[str, Component],
+        loss_weight: float = 1.0,
+        ema_memory_update_gamma: float = 1.0,
+        loss_normalization: int = 1,
+        **kwargs: Any,
+    ) -> None:
+        super().__init__(**kwargs)
+        if not 0.0 < ema_memory_update_gamma <= 1.0:
+            raise ValueError(f"ema_memory_update_gamma must lie in (0, 1], got {ema_memory_update_gamma!r}")
+        self._components = dict(components)
+        for offset, component in enumerate(self._components.values()):
+            generator = getattr(component, "generator", None)
+            if isinstance(generator, torch.Generator):
+                generator.manual_seed(self.seed + 100 + offset)
+        self.loss_weight = float(loss_weight)
+        self.ema_memory_update_gamma = float(ema_memory_update_gamma)
+        self.loss_normalization = int(loss_normalization)
+        self._loss_components = [c for c in self._components.values() if c.is_loss]
+        self._store_logits = any(c.needs_logits for c in self._components.values())
+        self._store_features = any(c.needs_features for c in self._components.values())
+        self._step_new: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None
+        self._replayed: list[tuple[MemoryBatch, Tensor, list[Tensor]]] = []
+
+    def components(self, **kwargs: Any) -> dict[str, Component]:
+        """The components of the learner (each subclass builds its own)."""
+        return self._components
+
+    def on_model_update_start(self, *args: Any, **kwargs: Any) -> None:
+        super().on_model_update_start(*args, **kwargs)
+        for component in self._components.values():
+            component.on_model_update_start(self.model, self.task_id)
+
+    def on_train_start(self) -> None:
+        for component in self._components.values():
+            component.on_train_start(self.model)
+
+    def _forward(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
+        outputs = self.forward_model(inputs, self.task_id)
+        features = self.model.get_intermediate_representation() if self._store_features else []
+        return outputs, features
+
+    def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
+        raw_inputs, raw_targets = batch
+        inputs, targets = self.transform_train(raw_inputs, raw_targets)
+        n = inputs.shape[0]
+        memory_batch = None
+        if self._loss_components and self.memory_batch_size > 0 and len(self.memory) > 0:
+            memory_batch = self.memory.sample(self.memory_batch_size)
+        joined = inputs if memory_batch is None else torch.cat([inputs, memory_batch.inputs.to(inputs.dtype)])
+        outputs, features = self._forward(joined)
+        self._step_new = (raw_inputs, raw_targets, outputs[:n].detach(), [f[:n].detach() for f in features])
+        self._replayed = []
+        loss = self.loss_weight * self.base_loss(outputs[:n], targets)
+        total_weight = self.loss_weight
+        if memory_batch is not None:
+            outputs_memory, features_memory = outputs[n:], [f[n:] for f in features]
+            self._replayed.append((memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory]))
+            fresh = True  # the joined batch was drawn for the first loss component
+            for component in self._loss_components:
+                if component.sample_new_memory_batch and not fresh:
+                    memory_batch = self.memory.sample(self.memory_batch_size)
+                    assert memory_batch is not None
+                    outputs_memory, features_memory = self._forward(memory_batch.inputs)
+                    self._replayed.append(
+                        (memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory])
+                    )
+                fresh = False
+                loss = loss + component.loss(outputs_memory, memory_batch, features_memory)
+                total_weight += component.weight
+        if self.loss_normalization:
+            loss = loss / total_weight
+        return loss
+
+    def on_train_batch_end(self, outputs: Tensor, batch: Batch, batch_idx: int) -> None:
+        super().on_train_batch_end(outputs, batch, batch_idx)
+        if self.ema_memory_update_gamma < 1.0:
+            for memory_batch, logits, features in self._replayed:
+                self._refresh_metadata(memory_batch.indices, logits, features)
+        assert self._step_new is not None
+        raw_inputs, raw_targets, logits, features = self._step_new
+        self.memory.add(raw_inputs, raw_targets, self._metadata(logits, features))
+        self._step_new, self._replayed = None, []
+        for component in self._components.values():
+            component.on_train_batch_end(self.model)
+
+    def _metadata(self, logits: Tensor, features: list[Tensor]) -> dict[str, Tensor]:
+        metadata = {}
+        if self._store_logits:
+            metadata[LOGITS] = logits.float()
+        if self._store_features:
+            for i, f in enumerate(features):
+                metadata[feature_name(i)] = f.float()
+        return metadata
+
+    def _refresh_metadata(self, indices: Tensor, logits: Tensor, features: list[Tensor]) -> None:
+        gamma = self.ema_memory_update_gamma
+        for name, value in self._metadata(logits, features).items():
+            if name in self.memory.metadata:
+                self.memory.update_metadata(name, indices, value, gamma)
+
+    def inference_model(self) -> ContinualModel:
+        for component in self._components.values():
+            if component.served_model is not None:
+                return component.served_model  # type: ignore[return-value]
+        return self.model
+
+    def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:
+        super().on_save_checkpoint(checkpoint)
+        for name, component in self._components.items():
+            component.on_save_checkpoint(checkpoint, prefix=f"components.{name}.")
+        if self.inference_model() is not self.model:
+            for key, value in self.model.state_dict().items():
+                checkpoint["tensors"][f"working_model.{key}"] = value
+
+    def on_load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        super().on_load_checkpoint(checkpoint)
+        for name, component in self._components.items():
+            component.on_load_checkpoint(checkpoint, prefix=f"components.{name}.")
+        working = {
+            k[len("working_model.") :]: v for k, v in checkpoint["tensors"].items() if k.startswith("working_model.")
+        }
+        if working:
+            self.model.load_state_dict(working, strict=True)
+
+
+class ExperienceReplayLearner(BaseExperienceReplayLearner):
+    """ER (Chaudhry et al., 2019): cross-entropy on replayed items with weight ``alpha``.
+
+    With ``alpha=1``, equal new and memory batches and ``loss_normalization=1`` the loss is the
+    mean cross-entropy over the joined batch, as in the paper.
+    """
+
+    def __init__(self, alpha: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(components=self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha), **kwargs)
+
+    def components(self, loss_fn: nn.Module | None = None, alpha: float = 1.0) -> dict[str, Component]:
+        return {"memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True)}
+
+
+class DarkExperienceReplayLearner(BaseExperienceReplayLearner):
+    """DER / DER++ (Buzzega et al., NeurIPS 2020): ``alpha * MSE(z, stored logits)`` on one memory
+    batch plus ``beta * CE`` on a second, independently drawn batch; ``beta=0`` is DER. The paper
+    sums the terms: use ``loss_normalization=0`` to reproduce it."""
+
+    def __init__(self, alpha: float = 1.0, beta: float = 1.0, **kwargs: Any) -> None:
+        super().__init__(components=self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha, beta=beta), **kwargs)
+
+    def components(
+        self, loss_fn: nn.Module | None = None, alpha: float = 1.0, beta: float = 1.0
+    ) -> dict[str, Component]:
+        return {
+            "mse_loss": WeightedMeanSquaredErrorLossComponent(alpha, sample_new_memory_batch=True),
+            "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), beta, sample_new_memory_batch=True),
+        }
+
+
+class PooledOutputDistillationExperienceReplayLearner(BaseExperienceReplayLearner):
+    """POD-ER (Douillard et al., ECCV 2020): ``alpha * POD`` between the current and the stored
+    intermediate representations of replayed items (see ``retain.learners.components.pod_pool``)."""
+
+    def __init__(
+        self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1, **kwargs: Any
+    ) -> None:
+        super().__init__(components=self.components(alpha, distillation_type, normalize), **kwargs)
+
+    def components(
+        self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1
+    ) -> dict[str, Component]:
+        return {
+            "pod_loss": WeightedPooledOutputDistillationLossComponent(
+                alpha, sample_new_memory_batch=True, distillation_type=distillation_type, normalize=normalize
+            )
+        }
+
+
+class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
+    """CLS-ER (Arani et al., ICLR 2022): ``alpha * CE`` on replayed items plus ``beta *`` the
+    consistency with the better of a plastic and a stable EMA copy; predicts with the stable copy."""
+
+    def __init__(
+        self,
+        alpha: float = 0.5,
+        beta: float = 0.1,
+        stable_model_update_weight: float = 0.999,
+        plastic_model_update_weight: float = 0.999,
+        stable_model_update_probability: float = 0.7,
+        plastic_model_update_probability: float = 0.9,
+        **kwargs: Any,
+    ) -> None:
+        components = self.components(
+            kwargs["model"],
+            kwargs.get("loss_fn"),
+            alpha,
+            beta,
+            plastic_model_update_weight,
+            stable_model_update_weight,
+            plastic_model_update_probability,
+            stable_model_update_probability,
+        )
+        super().__init__(components=components, **kwargs)
+
+    def components(
+        self,
+        model: ContinualModel,
+        loss_fn: nn.Module | None = None,
+        alpha: float = 0.5,
+        beta: float = 0.1,
+        plastic_model_update_weight: float = 0.999,
+        stable_model_update_weight: float = 0.999,
+        plastic_model_update_probability: float = 0.9,
+        stable_model_update_probability: float = 0.7,
+    ) -> dict[str, Component]:
+        return {
+            "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True),
+            "cls_loss": WeightedCLSLossComponent(
+                beta,
+                sample_new_memory_batch=False,
+                model=model,
+                plastic_model_update_weight=plastic_model_update_weight,
+                stable_model_update_weight=stable_model_update_weight,
+                plastic_model_update_probability=plastic_model_update_probability,
+                stable_model_update_probability=stable_model_update_probability,
+            ),
+        }
+
+
+class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
+    """DER++ + shrink-and-perturb + CLS-ER + POD in one learner; predicts with the CLS stable copy.
+
+    Components, in order: ``mse_loss`` (der_alpha, fresh batch), ``memory_loss`` (der_beta, fresh
+    batch), ``cls_loss`` (cls_alpha, same batch as memory_loss), ``shrink_perturb`` (at update
+    start), ``pod_loss`` (pod_alpha, fresh batch).
+    """
+
+    def __init__(
+        self,
+        der_alpha: float = 1.0,
+        der_beta: float = 1.0,
+        sp_shrink_factor: float = 0.95,
+        sp_sigma: float = 0.001,
+        cls_alpha: float = 0.1,
+        cls_stable_model_update_weight: float = 0.999,
+        cls_plastic_model_update_weight: float = 0.999,
+        cls_stable_model_update_probability: float = 0.7,
+        cls_plastic_model_update_probability: float = 0.9,
+        pod_alpha: float = 1.0,
+        pod_distillation_type: str = "spatial",
+        pod_normalize: bool | int = 1,
+        ema_memory_update_gamma: float = 1.0,
+        **kwargs: Any,
+    ) -> None:
+        components = self.components(
+            kwargs["model"],
+            kwargs.get("loss_fn"),
+            der_alpha,
+            der_beta,
+            sp_shrink_factor,
+            sp_sigma,
+            cls_alpha,
+            cls_stable_model_update_weight,
+            cls_plastic_model_update_weight,
+            cls_stable_model_update_probability,
+            cls_plastic_model_update_probability,
+            pod_alpha,
+            pod_distillation_type,
+            pod_normalize,
+        )
+        super().__init__(components=components, ema_memory_update_gamma=ema_memory_update_gamma, **kwargs)
+
+    def components(
+        self,
+        model: ContinualModel,
+        loss_fn: nn.Module | None = None,
+        der_alpha: float = 1.0,
+        der_beta: float = 1.0,
+        sp_shrink_factor: float = 0.95,
+        sp_sigma: float = 0.001,
+        cls_alpha: float = 0.1,
+        cls_stable_model_update_weight: float = 0.999,
+        cls_plastic_model_update_weight: float = 0.999,
+        cls_stable_model_update_probability: float = 0.7,
+        cls_plastic_model_update_probability: float = 0.9,
+        pod_alpha: float = 1.0,
+        pod_distillation_type: str = "spatial",
+        pod_normalize: bool | int = 1,
+    ) -> dict[str, Component]:
+        return {
+            "mse_loss": WeightedMeanSquaredErrorLossComponent(der_alpha, sample_new_memory_batch=True),
+            "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), der_beta, sample_new_memory_batch=True),
+            "cls_loss": WeightedCLSLossComponent(
+                cls_alpha,
+                sample_new_memory_batch=False,
+                model=model,
+                stable_model_update_weight=cls_stable_model_update_weight,
+                plastic_model_update_weight=cls_plastic_model_update_weight,
+                stable_model_update_probability=cls_stable_model_update_probability,
+                plastic_model_update_probability=cls_plastic_model_update_probability,
+            ),
+            "shrink_perturb": ShrinkAndPerturbReinitializationComponent(sp_shrink_factor, sp_sigma),
+            "pod_loss": WeightedPooledOutputDistillationLossComponent(
+                pod_alpha,
+                sample_new_memory_batch=True,
+                distillation_type=pod_distillation_type,
+                normalize=pod_normalize,
+            ),
+        }
+
+
+def _ce(loss_fn: nn.Module | None) -> nn.Module:
+    return loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
+
+
+_OPTION_NAMES = set(inspect.signature(TrainingOptions).parameters) - {"extra"}
+
+
+class _ExperienceReplayModelUpdater(SingleTrainingLoopUpdater):
+    """Shared constructor of the ER-family updaters: replay options, then the method's own options,
+    then the common training options (``TrainingOptions``), all as keyword arguments."""
+
+    learner_class: type[BaseExperienceReplayLearner]
+
+    def __init__(
+        self,
+        model: ContinualModel,
+        loss_fn: nn.Module | None = None,
+        optimizer: Any = None,
+        memory_size: int = 500,
+        batch_memory_frac: float = 0.5,
+        loss_weight: float = 1.0,
+        ema_memory_update_gamma: float = 1.0,
+        loss_normalization: int = 1,
+        memory_batch_size: int | None = None,
+        input_state_folder: Any = None,
+        output_state_folder: Any = None,
+        **kwargs: Any,
+    ) -> None:
+        options = {k: v for k, v in kwargs.items() if k in _OPTION_NAMES}
+        method_kwargs = {k: v for k, v in kwargs.items() if k not in _OPTION_NAMES}
+        allowed = set(inspect.signature(self.learner_class.__init__).parameters) - {"self", "kwargs"}
+        unknown = sorted(set(method_kwargs) - allowed)
+        if unknown:
+            raise TypeError(
+                f"{type(self).__name__} got unknown option(s) {', '.join(unknown)}; method options are "
+                f"{', '.join(sorted(allowed))}, training options are {', '.join(sorted(_OPTION_NAMES))}"
+            )
+        learner_kwargs = dict(
+            memory_size=memory_size,
+            batch_memory_frac=batch_memory_frac,
+            loss_weight=loss_weight,
+            ema_memory_update_gamma=ema_memory_update_gamma,
+            loss_normalization=loss_normalization,
+            memory_batch_size=memory_batch_size,
+            **method_kwargs,
+        )
+        super().__init__(
+            model,
+            loss_fn,
+            optimizer,
+            learner_class=self.learner_class,
+            learner_kwargs=learner_kwargs,
+            input_state_folder=input_state_folder,
+            output_state_folder=output_state_folder,
+            **options,
+        )
+
+
+class ExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
+    """ER; method option ``alpha=1.0``."""
+
+    learner_class = ExperienceReplayLearner
+
+
+class DarkExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
+    """DER (beta=0) and DER++; method options ``alpha=1.0``, ``beta=1.0``."""
+
+    learner_class = DarkExperienceReplayLearner
+
+
+class PooledOutputDistillationExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
+    """POD-ER; method options ``alpha=1.0``, ``distillation_type='spatial'``, ``normalize=1``."""
+
+    learner_class = PooledOutputDistillationExperienceReplayLearner
+
+
+class CLSExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
+    """CLS-ER; method options ``alpha=0.5``, ``beta=0.1``, ``stable_model_update_weight=0.999``,
+    ``plastic_model_update_weight=0.999``, ``stable_model_update_probability=0.7``,
+    ``plastic_model_update_probability=0.9``. ``update`` returns the stable copy."""
+
+    learner_class = CLSExperienceReplayLearner
+
+
+class SuperExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
+    """Super-ER; method options as ``SuperExperienceReplayLearner``. ``update`` returns the stable copy."""
+
+    learner_class = SuperExperienceReplayLearner
