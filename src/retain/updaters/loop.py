@@ -78,7 +78,7 @@ def fit(
         bar = tqdm(
             total=len(source),
             desc=f"{description} epoch {epoch + 1}/{epochs}",
-            disable=not o.progress_bar,
+            disable=None if o.progress_bar else True,
             leave=False,
             dynamic_ncols=True,
         )

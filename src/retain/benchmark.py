@@ -1,0 +1,207 @@
+"""Run a method over a whole scenario, the way a deployment would, and report continual metrics.
+
+Each update is a new updater built from the previous update's state folder (under
+``OUTPUT/state``), so a benchmark exercises the same path as a scheduled retraining job. After
+each update the served model is scored on the test part of every task, giving the accuracy
+matrix R[i][j] and the metrics of ``retain.evaluation``.
+"""
+
+from __future__ import annotations
+
+import functools
+import inspect
+import shutil
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from retain.data import default_transforms, load_dataset, make_scenario
+from retain.data.transforms import ToFloat
+from retain.evaluation import accuracy_row, build_multi_seed_result, build_result, format_table, write_report
+from retain.methods import (
+    CLSExperienceReplayModelUpdater,
+    DarkExperienceReplayModelUpdater,
+    ExperienceReplayModelUpdater,
+    FineTuningModelUpdater,
+    JointModelUpdater,
+    PooledOutputDistillationExperienceReplayModelUpdater,
+    SuperExperienceReplayModelUpdater,
+)
+from retain.models import ContinualModel, MultiLayerPerceptron, ResNet18
+from retain.options import TrainingOptions
+from retain.updaters.base import ModelUpdater
+
+
+@dataclass(frozen=True)
+class MethodSpec:
+    """A method as the command line knows it: its updater and the defaults the CLI shows."""
+
+    updater: type[ModelUpdater]
+    summary: str
+    defaults: dict[str, Any] = field(default_factory=dict)
+
+    def method_options(self) -> dict[str, Any]:
+        """The method's own options and their defaults (from the learner/updater signatures)."""
+        learner = getattr(self.updater, "learner_class", None)
+        options: dict[str, Any] = {}
+        for cls in (self.updater, learner):
+            if cls is None:
+                continue
+            for name, p in inspect.signature(cls.__init__).parameters.items():
+                if name in _NOT_OPTIONS or p.kind in (p.VAR_KEYWORD, p.VAR_POSITIONAL):
+                    continue
+                if p.default is not inspect.Parameter.empty:
+                    options.setdefault(name, p.default)
+        options.update(self.defaults)
+        return options
+
+
+_NOT_OPTIONS = {"self", "model", "loss_fn", "optimizer", "components", "input_state_folder", "output_state_folder"}
+
+METHODS: dict[str, MethodSpec] = {
+    "finetune": MethodSpec(FineTuningModelUpdater, "fine-tuning on each chunk alone (lower bound)"),
+    "joint": MethodSpec(JointModelUpdater, "retrain from scratch on all data seen (upper bound)"),
+    "er": MethodSpec(ExperienceReplayModelUpdater, "Experience Replay (Chaudhry et al. 2019)", {"memory_size": 500}),
+    "der": MethodSpec(DarkExperienceReplayModelUpdater, "Dark Experience Replay (beta=0)",
+                      {"memory_size": 500, "beta": 0.0}),
+    "derpp": MethodSpec(DarkExperienceReplayModelUpdater, "DER++ (Buzzega et al. 2020)", {"memory_size": 500}),
+    "pod": MethodSpec(PooledOutputDistillationExperienceReplayModelUpdater, "Pooled Output Distillation ER",
+                      {"memory_size": 500}),
+    "cls": MethodSpec(CLSExperienceReplayModelUpdater, "CLS-ER (Arani et al. 2022)", {"memory_size": 500}),
+    "super": MethodSpec(SuperExperienceReplayModelUpdater, "DER++ + shrink&perturb + CLS-ER + POD",
+                        {"memory_size": 500}),
+}
+
+OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
+MODELS = ("mlp", "resnet18")
+
+
+@dataclass
+class BenchmarkConfig:
+    """Everything that defines a benchmark run; ``method_options`` and ``training_options`` are
+    passed to the updater as keyword arguments."""
+
+    method: str = "er"
+    dataset: str = "digits"
+    scenario: str = "class-incremental"
+    num_tasks: int | None = None
+    classes_per_task: int | None = None
+    shuffle_classes: bool = False
+    val_fraction: float = 0.0
+    data_dir: str | None = None
+    model: str = "mlp"
+    hidden_sizes: tuple[int, ...] = (100, 100)
+    width: int = 20
+    optimizer: str = "sgd"
+    learning_rate: float = 0.05
+    momentum: float = 0.0
+    weight_decay: float = 0.0
+    augment: bool = False
+    seeds: tuple[int, ...] = (0,)
+    output: str = "runs/benchmark"
+    keep_all_states: bool = False
+    method_options: dict[str, Any] = field(default_factory=dict)
+    training_options: dict[str, Any] = field(default_factory=dict)
+
+    def describe(self) -> dict[str, Any]:
+        d = {k: getattr(self, k) for k in self.__dataclass_fields__}
+        d["hidden_sizes"] = list(self.hidden_sizes)
+        d["seeds"] = list(self.seeds)
+        return d
+
+
+def _check_choice(what: str, value: str, choices: Any) -> None:
+    if value not in choices:
+        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
+
+
+def build_model(config: BenchmarkConfig, input_shape: tuple[int, ...], num_classes: int) -> ContinualModel:
+    if config.model == "mlp":
+        num_inputs = 1
+        for d in input_shape:
+            num_inputs *= int(d)
+        return MultiLayerPerceptron(num_inputs, num_classes, list(config.hidden_sizes))
+    return ResNet18(num_classes, config.width, in_channels=int(input_shape[0]))
+
+
+def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
+    """Runs ``config`` for every seed, writes the report under ``config.output``, returns the result."""
+    _check_choice("method", config.method, METHODS)
+    _check_choice("model", config.model, MODELS)
+    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    spec = METHODS[config.method]
+    method_options = {**spec.defaults, **config.method_options}
+    known = spec.method_options()
+    unknown = sorted(set(method_options) - set(known))
+    if unknown:
+        raise ValueError(f"method {config.method!r} has no option(s) {', '.join(unknown)}; "
+                         f"its options are: {', '.join(sorted(known))}")
+    TrainingOptions.from_kwargs("retain benchmark", **config.training_options)  # fail before loading data
+
+    splits = load_dataset(config.dataset, config.data_dir)
+    scenario_kwargs: dict[str, Any] = {"val_fraction": config.val_fraction}
+    if config.scenario in ("class-incremental", "task-incremental"):
+        scenario_kwargs.update(num_tasks=config.num_tasks, classes_per_task=config.classes_per_task,
+                               shuffle_classes=config.shuffle_classes)
+    else:
+        scenario_kwargs["num_tasks"] = config.num_tasks or 20
+    output = Path(config.output)
+    runs = []
+    for seed in config.seeds:
+        tasks = make_scenario(config.scenario, splits, seed=seed, **scenario_kwargs)
+        if config.dataset.startswith("cifar"):
+            train_transform, test_transform = default_transforms(splits, augment=config.augment)
+        else:  # the DER protocol: inputs scaled to [0, 1], no normalisation
+            train_transform = test_transform = ToFloat(splits.scale)
+        runs.append(_run_one_seed(config, spec, method_options, splits, tasks, seed, train_transform,
+                                  test_transform, output / "state" / f"seed{seed}", log))
+    result = runs[0] if len(runs) == 1 else build_multi_seed_result(runs, seeds=list(config.seeds),
+                                                                     config=config.describe())
+    write_report(output, result)
+    log(format_table(result))
+    log(f"report written to {output}/ (results.json, accuracy_matrix.csv, metrics.csv, PNG plots)")
+    return result
+
+
+def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dict[str, Any], splits: Any,
+                  tasks: list[Any], seed: int, train_transform: Any, test_transform: Any, state_root: Path,
+                  log: Any) -> dict[str, Any]:
+    task_incremental = config.scenario == "task-incremental"
+    optimizer = functools.partial(OPTIMIZERS[config.optimizer], lr=config.learning_rate,
+                                  weight_decay=config.weight_decay,
+                                  **({"momentum": config.momentum} if config.optimizer == "sgd" else {}))
+    training_options = {"seed": seed, "progress_bar": True, **config.training_options}
+    training_options.setdefault("train_transform", train_transform)
+    training_options.setdefault("test_transform", test_transform)
+    if state_root.exists():
+        shutil.rmtree(state_root)
+    torch.manual_seed(seed)
+    initial_model = build_model(config, splits.input_shape, splits.num_classes)
+    device_model = None
+    initial_accuracy = accuracy_row(initial_model, tasks, transform=test_transform, task_incremental=task_incremental)
+    rows, seconds = [], []
+    previous: Path | None = None
+    for i, task in enumerate(tasks):
+        torch.manual_seed(seed)
+        model = build_model(config, splits.input_shape, splits.num_classes)
+        state = state_root / f"update{i}"
+        updater = spec.updater(model, optimizer=optimizer, input_state_folder=previous, output_state_folder=state,
+                               **method_options, **training_options)
+        started = time.perf_counter()
+        device_model = updater.update(task.train, task.val)
+        seconds.append(time.perf_counter() - started)
+        rows.append(accuracy_row(device_model, tasks, transform=test_transform, task_incremental=task_incremental))
+        seen = rows[-1][: i + 1]
+        log(f"[seed {seed}] update {i + 1}/{len(tasks)} ({task.task_id}, {len(task.train)} items): "
+            f"{seconds[-1]:.1f}s, mean accuracy on seen tasks {100 * sum(seen) / len(seen):.2f}%")
+        if previous is not None and not config.keep_all_states:
+            shutil.rmtree(previous)
+        previous = state
+    return build_result(rows, config=config.describe(), train_seconds=seconds, initial_accuracy=initial_accuracy,
+                        task_ids=[t.task_id for t in tasks], seed=seed)
+
+
+__all__ = ["METHODS", "BenchmarkConfig", "MethodSpec", "run_benchmark"]
