@@ -13,10 +13,9 @@ pickled dict, so that state folders hold JSON and safetensors only.
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torchmetrics
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
@@ -24,6 +23,9 @@ from retain.batching import BatchSource, dataset_tensors, materialize
 from retain.memory import ReservoirMemory
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel
 from retain.options import TrainingOptions
+
+if TYPE_CHECKING:
+    import torchmetrics
 
 Batch = tuple[Tensor, Tensor]
 Checkpoint = dict[str, dict[str, Any]]
@@ -215,6 +217,8 @@ class Learner:
 
     # ------------------------------------------------------------------ validation
     def _make_val_metrics(self) -> torchmetrics.MetricCollection:
+        import torchmetrics  # imported on first use: it pulls in matplotlib and scipy (seconds at start-up)
+
         metrics: dict[str, torchmetrics.Metric] = {
             "loss": torchmetrics.MeanMetric(),
             "accuracy": torchmetrics.classification.MulticlassAccuracy(
