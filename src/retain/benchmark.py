@@ -146,12 +146,14 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
     if config.scenario in ("class-incremental", "task-incremental"):
         scenario_kwargs.update(num_tasks=config.num_tasks, classes_per_task=config.classes_per_task,
                                shuffle_classes=config.shuffle_classes)
+    per_seed = {"class_order_seed"} if config.shuffle_classes else set()
     else:
         scenario_kwargs["num_tasks"] = config.num_tasks or 20
     output = Path(config.output)
     runs = []
     for seed in config.seeds:
-        tasks = make_scenario(config.scenario, splits, seed=seed, **scenario_kwargs)
+        tasks = make_scenario(config.scenario, splits, seed=seed, **scenario_kwargs,
+                              **dict.fromkeys(per_seed, seed))
         if config.dataset.startswith("cifar"):
             train_transform, test_transform = default_transforms(splits, augment=config.augment)
         else:  # the DER protocol: inputs scaled to [0, 1], no normalisation

@@ -91,7 +91,7 @@ def _benchmark_parser(method: str | None) -> argparse.ArgumentParser:
     g.add_argument("--classes-per-task", type=int, default=None, help="alternative to --num-tasks")
     g.add_argument("--shuffle-classes", action="store_true", help="class order drawn from the seed")
     g.add_argument("--val-fraction", type=float, default=0.0, help="share of each task's train data held out")
-    g.add_argument("--data-dir", default=None, help="dataset folder (default: $RETAIN_DATA_DIR or ~/.cache/retain)")
+    g.add_argument("--data-dir", default=None, help="dataset folder (default: $RETAIN_DATA_DIR or ~/.cache/retain/data)")
     g.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0], help="one or more seeds (mean ± std)")
     g.add_argument("--output", default="runs/benchmark", help="report and state folders (default: runs/benchmark)")
     g.add_argument("--keep-all-states", action="store_true", help="keep every update's state folder")

@@ -15,6 +15,7 @@ from retain.data.scenarios import (
     make_scenario,
     permuted,
     rotated,
+    task_incremental,
     task_incremental_logits,
 )
 from retain.data.transforms import (
@@ -45,5 +46,6 @@ __all__ = [
     "permuted",
     "resolve_data_dir",
     "rotated",
+    "task_incremental",
     "task_incremental_logits",
 ]

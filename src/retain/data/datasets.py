@@ -35,7 +35,7 @@ from typing import Any, BinaryIO
 import numpy as np
 import torch
 from torch import Tensor
-from tqdm.auto import tqdm
+from tqdm import tqdm
 
 __all__ = [
     "DATASET_NAMES",
@@ -46,7 +46,10 @@ __all__ = [
     "cache_dir",
     "download_file",
     "load_dataset",
+    "read_cifar_tarball",
+    "read_idx",
     "resolve_data_dir",
+    "safe_unpickle",
     "verify_file",
 ]
 
@@ -327,7 +330,10 @@ def verify_file(path: str | Path, spec: FileSpec, dataset: str | None = None) ->
     The result is remembered per (path, size, mtime), in this process and in a record on disk.
     """
     path = Path(path).absolute()
-    hint = _how_to_get(dataset, spec, path) if dataset in DATASET_FOLDERS else f"Get it from {spec.urls}."
+    if dataset in DATASET_FOLDERS:
+        hint = _how_to_get(dataset, spec, path)
+    else:
+        hint = f"Get it from {' or '.join(spec.urls)}."
     try:
         st = path.stat()
     except FileNotFoundError:
@@ -377,10 +383,17 @@ def download_file(
     """
     dest = Path(dest).absolute()
     open_url = opener if opener is not None else urlopen
-    dest.parent.mkdir(parents=True, exist_ok=True)
     problems: list[str] = []
     for url in spec.urls:
-        fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{spec.name}.", suffix=".part")
+        try:
+            dest.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=dest.parent, prefix=f".{spec.name}.", suffix=".part")
+        except OSError as exc:
+            raise DatasetFileError(
+                f"Cannot download {spec.name}: the folder {dest.parent} is not writable ({exc}). Choose "
+                f"another folder with --data-dir or ${DATA_DIR_ENV}, or get the file from "
+                f"{' or '.join(spec.urls)} and save it as {dest}."
+            ) from exc
         tmp = Path(tmp_name)
         try:
             logger.info("downloading %s from %s", spec.name, url)

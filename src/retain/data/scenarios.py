@@ -14,7 +14,7 @@ Validation data, when asked for, is always held out of the training part (strati
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -58,8 +58,18 @@ class Task:
 
     def __repr__(self) -> str:
         val = None if self.val is None else len(self.val)
-        return (f"Task({self.task_id!r}, classes={self.classes}, train={len(self.train)}, val={val}, "
-                f"test={len(self.test)}, task_incremental={self.task_incremental}, info={self.info})")
+        info = {k: _short(v) for k, v in self.info.items()}
+        return (f"Task({self.task_id!r}, classes={_short(self.classes)}, train={len(self.train)}, val={val}, "
+                f"test={len(self.test)}, task_incremental={self.task_incremental}, info={info})")
+
+
+def _short(value: Any) -> Any:
+    """A compact stand-in for long lists and tensors in reprs."""
+    if isinstance(value, Tensor):
+        return f"<tensor {tuple(value.shape)}>"
+    if isinstance(value, list) and len(value) > 12:
+        return f"[{', '.join(map(str, value[:10]))}, ... ({len(value)} items)]"
+    return value
 
 
 def _check_fraction(val_fraction: float) -> None:
@@ -167,9 +177,15 @@ def task_incremental_logits(logits: Tensor, classes: Sequence[int] | Tensor) -> 
 
 
 def _domain_tasks(
-    splits: TensorSplits, num_tasks: int, val_fraction: float, seed: int, transforms: list[Any],
-    apply: Any, infos: list[dict[str, Any]],
+    splits: TensorSplits,
+    num_tasks: int,
+    val_fraction: float,
+    seed: int,
+    transforms: Sequence[Any],
+    apply: Callable[[Tensor, Any], Tensor],
+    infos: Sequence[dict[str, Any]],
 ) -> list[Task]:
+    """All classes in every task; task ``t`` applies ``apply(inputs, transforms[t])`` to its data."""
     is_val = _val_mask(splits.train_targets, splits.num_classes, val_fraction, seed)
     classes = list(range(splits.num_classes))
     train_idx = (~is_val).nonzero().squeeze(1)
@@ -212,7 +228,7 @@ def permuted(splits: TensorSplits, num_tasks: int, seed: int = 0, val_fraction: 
     return _domain_tasks(splits, num_tasks, val_fraction, seed, perms, _permute_pixels, infos)
 
 
-def rotate_images(images: Tensor, angle: float, chunk_size: int = 1024) -> Tensor:
+def rotate_images(images: Tensor, angle: float, chunk_size: int = 8192) -> Tensor:
     """Rotate (N, C, H, W) images counter-clockwise by ``angle`` degrees about their centre.
 
     Bilinear interpolation (``affine_grid`` + ``grid_sample``) on float with zero fill outside; integer
@@ -225,14 +241,16 @@ def rotate_images(images: Tensor, angle: float, chunk_size: int = 1024) -> Tenso
     cos, sin = math.cos(rad), math.sin(rad)
     # affine_grid maps output to input coordinates in [-1, 1] units; scale so the rotation is rigid
     # in pixel units even for non-square images.
-    theta = torch.tensor([[[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]]], device=images.device)
+    integer = not images.dtype.is_floating_point
+    dtype = torch.float32 if integer else images.dtype
+    theta = torch.tensor([[[cos, -sin * h / w, 0.0], [sin * w / h, cos, 0.0]]], dtype=dtype,
+                         device=images.device)
     grid = F.affine_grid(theta, [1, 1, h, w], align_corners=False)
     flat = images.reshape(1, n * c, h, w)
     out = torch.empty_like(flat)
-    integer = not images.dtype.is_floating_point
     for start in range(0, n * c, chunk_size):
         x = flat[:, start : start + chunk_size]
-        y = F.grid_sample(x.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+        y = F.grid_sample(x.to(dtype), grid, mode="bilinear", padding_mode="zeros", align_corners=False)
         if integer:
             info = torch.iinfo(images.dtype)
             y = y.round_().clamp_(info.min, info.max)

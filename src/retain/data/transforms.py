@@ -91,15 +91,19 @@ class Normalize(Transform):
             raise ValueError("mean and std need the same, non-zero, number of channels")
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std}")
+        self._constants: dict[tuple[torch.device, torch.dtype, int], tuple[Tensor, Tensor]] = {}
 
     def __call__(self, x: Tensor, generator: torch.Generator | None = None) -> Tensor:
         if not x.is_floating_point():
             raise TypeError(f"Normalize expects a float batch, got {x.dtype}; put ToFloat first")
         if x.ndim < 2 or x.shape[1] != len(self.mean):
             raise ValueError(f"Normalize has {len(self.mean)} channels, batch shape is {tuple(x.shape)}")
-        shape = (1, -1) + (1,) * (x.ndim - 2)
-        mean = torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape)
-        std = torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape)
+        key = (x.device, x.dtype, x.ndim)
+        if key not in self._constants:  # build the (1, C, 1, ...) constants once per device/dtype
+            shape = (1, -1) + (1,) * (x.ndim - 2)
+            self._constants[key] = (torch.tensor(self.mean, dtype=x.dtype, device=x.device).view(shape),
+                                    torch.tensor(self.std, dtype=x.dtype, device=x.device).view(shape))
+        mean, std = self._constants[key]
         return (x - mean) / std
 
     def _args(self) -> str:
