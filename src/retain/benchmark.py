@@ -146,9 +146,9 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
     if config.scenario in ("class-incremental", "task-incremental"):
         scenario_kwargs.update(num_tasks=config.num_tasks, classes_per_task=config.classes_per_task,
                                shuffle_classes=config.shuffle_classes)
-    per_seed = {"class_order_seed"} if config.shuffle_classes else set()
     else:
         scenario_kwargs["num_tasks"] = config.num_tasks or 20
+    per_seed = {"class_order_seed"} if config.shuffle_classes else set()
     output = Path(config.output)
     runs = []
     for seed in config.seeds:
