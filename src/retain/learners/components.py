@@ -102,9 +102,10 @@ def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
     """PODNet's pooling of squared activations, flattened per sample.
 
     Feature maps are (B, C, H, W); a fully connected layer's (B, D) activations are treated as
-    (B, D, 1, 1), so its 'spatial' vector is its squared activations (twice).
-    ``spatial`` = [sum over H, sum over W] (PODNet's pod-spatial); ``width`` = sum over W;
-    ``height`` = sum over H; ``channel`` = sum over C; ``gap`` = mean over H and W; ``flat`` = none.
+    (B, D, 1, 1), so its 'spatial' vector is its squared activations (twice). Every type pools the
+    squared activations, as PODNet's code does: ``spatial`` = [sum over H, sum over W] (pod-spatial);
+    ``width`` = sum over H (a C x W vector, PODNet's pod-width); ``height`` = sum over W (C x H);
+    ``channel`` = sum over C; ``gap`` = mean over H and W; ``flat`` = no pooling.
     """
     if h.dim() == 2:
         h = h[:, :, None, None]
@@ -114,13 +115,13 @@ def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
     if distillation_type == "spatial":
         return torch.cat([a.sum(dim=2).flatten(1), a.sum(dim=3).flatten(1)], dim=1)
     if distillation_type == "width":
-        return a.sum(dim=3).flatten(1)
-    if distillation_type == "height":
         return a.sum(dim=2).flatten(1)
+    if distillation_type == "height":
+        return a.sum(dim=3).flatten(1)
     if distillation_type == "channel":
         return a.sum(dim=1).flatten(1)
     if distillation_type == "gap":
-        return h.float().mean(dim=(2, 3))
+        return a.mean(dim=(2, 3))
     if distillation_type == "flat":
         return a.flatten(1)
     raise ValueError(f"distillation_type {distillation_type!r} unknown; choose one of {', '.join(POD_TYPES)}")

@@ -1,0 +1,106 @@
+"""CLS-ER: the copies update with the documented probabilities, the stable copy is served and saved,
+and the working model and both copies come back from a state folder."""
+
+from __future__ import annotations
+
+import functools
+import math
+from pathlib import Path
+
+import pytest
+import torch
+from torch.utils.data import TensorDataset
+
+from retain.learners.components import WeightedCLSLossComponent
+from retain.methods.er import CLSExperienceReplayModelUpdater
+from retain.models import MultiLayerPerceptron
+from retain.updaters import load_model
+
+SGD = functools.partial(torch.optim.SGD, lr=0.1)
+
+
+@pytest.mark.parametrize(("plastic", "stable"), [(0.9, 0.7), (1.0, 1.0), (0.5, 0.5), (0.3, 0.0)])
+def test_copies_update_with_their_probabilities(plastic: float, stable: float) -> None:
+    torch.manual_seed(0)
+    working = MultiLayerPerceptron(num_inputs=2, num_outputs=2, hidden_sizes=())
+    component = WeightedCLSLossComponent(
+        0.1,
+        False,
+        model=working,
+        plastic_model_update_probability=plastic,
+        stable_model_update_probability=stable,
+        seed=7,
+    )
+    weight = working.heads["default_task"].weight
+    plastic_weight = component.plastic_model.heads["default_task"].weight
+    stable_weight = component.stable_model.heads["default_task"].weight
+    steps = 4000
+    changed = torch.zeros(steps, 2, dtype=torch.bool)
+    for step in range(steps):
+        with torch.no_grad():
+            weight.add_(1.0)  # the working model keeps moving away, so every EMA update shows
+        before_p, before_s = plastic_weight.clone(), stable_weight.clone()
+        component.on_train_batch_end(working)
+        changed[step, 0] = not torch.equal(plastic_weight, before_p)
+        changed[step, 1] = not torch.equal(stable_weight, before_s)
+    for column, p in ((0, plastic), (1, stable)):
+        tolerance = 4 * math.sqrt(p * (1 - p) / steps) + 1e-12
+        assert abs(changed[:, column].float().mean().item() - p) <= tolerance, (column, p)
+    both = (changed[:, 0] & changed[:, 1]).float().mean().item()  # independent draws for the two copies
+    assert abs(both - plastic * stable) <= 4 * math.sqrt(plastic * stable * (1 - plastic * stable) / steps) + 1e-12
+
+
+def make_data(n: int, seed: int) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(3, (n,), generator=g))
+
+
+def cls_updater(model: MultiLayerPerceptron, **kwargs: object) -> CLSExperienceReplayModelUpdater:
+    return CLSExperienceReplayModelUpdater(
+        model, optimizer=SGD, memory_size=50, batch_size=8, max_epochs=1, accelerator="cpu", seed=0,
+        stable_model_update_probability=0.5, plastic_model_update_probability=0.5, **kwargs,
+    )  # fmt: skip
+
+
+def states_equal(a: torch.nn.Module, b: torch.nn.Module) -> bool:
+    sa, sb = a.state_dict(), b.state_dict()
+    return sa.keys() == sb.keys() and all(torch.equal(sa[k], sb[k]) for k in sa)
+
+
+def test_update_serves_the_stable_copy_and_state_restores_all_models(tmp_path: Path) -> None:
+    torch.manual_seed(0)
+    model = MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,))
+    updater = cls_updater(model, output_state_folder=tmp_path / "s1")
+    served = updater.update(make_data(40, seed=1))
+    component = updater.learner._components["cls_loss"]
+    assert served is component.stable_model
+    assert not states_equal(served, updater.learner.model)  # the stable copy is not the working model
+    assert states_equal(load_model(tmp_path / "s1"), component.stable_model)
+
+    torch.manual_seed(123)  # a differently initialised model of the same architecture
+    restored = cls_updater(
+        MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), input_state_folder=tmp_path / "s1"
+    )
+    restored_component = restored.learner._components["cls_loss"]
+    assert states_equal(restored.learner.model, updater.learner.model)  # working model from learner.safetensors
+    assert states_equal(restored_component.stable_model, component.stable_model)
+    assert states_equal(restored_component.plastic_model, component.plastic_model)
+    assert restored_component.step == component.step == 10  # 40 items, 4 new per step
+    assert restored_component.generator.get_state().equal(component.generator.get_state())
+
+    # both continue identically from the same state
+    restored.output_state_folder = tmp_path / "s2"
+    updater.output_state_folder = tmp_path / "s3"
+    served_a = updater.update(make_data(24, seed=2))
+    served_b = restored.update(make_data(24, seed=2))
+    assert states_equal(served_a, served_b)
+
+
+@pytest.mark.parametrize(("plastic", "stable"), [(1.0, 1.0), (0.5, 0.5), (0.7, 0.9)])
+def test_equal_or_reversed_probabilities_are_valid(plastic: float, stable: float) -> None:
+    updater = CLSExperienceReplayModelUpdater(
+        MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), optimizer=SGD, memory_size=10,
+        accelerator="cpu", plastic_model_update_probability=plastic, stable_model_update_probability=stable,
+    )  # fmt: skip
+    component = updater.learner._components["cls_loss"]
+    assert (component.plastic_model_update_probability, component.stable_model_update_probability) == (plastic, stable)
