@@ -11,7 +11,7 @@ from collections.abc import Callable, Iterator
 
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset
+from torch.utils.data import DataLoader, Dataset, Subset, TensorDataset, default_collate
 
 
 def dataset_tensors(dataset: Dataset) -> tuple[Tensor, Tensor] | None:
@@ -68,6 +68,19 @@ class BatchSource:
     def __len__(self) -> int:
         n = len(self.dataset)  # type: ignore[arg-type]
         return (n + self.batch_size - 1) // self.batch_size
+
+    def first_batch(self) -> tuple[Tensor, Tensor]:
+        """The first ``batch_size`` items in dataset order, on the device, for checks before training.
+
+        Collated directly (no DataLoader, no draw from the shuffling generator), so the epochs
+        still cost exactly one DataLoader each.
+        """
+        if self.tensors is not None:
+            return self.tensors[0][: self.batch_size], self.tensors[1][: self.batch_size]
+        n = min(self.batch_size, len(self.dataset))  # type: ignore[arg-type]
+        collate = self.collate_fn if self.collate_fn is not None else default_collate
+        x, y = collate([self.dataset[i] for i in range(n)])
+        return torch.as_tensor(x).to(self.device), torch.as_tensor(y).to(self.device)
 
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         if self.tensors is None:

@@ -84,6 +84,11 @@ class ReservoirMemory:
                 f"memory holds inputs of shape {tuple(self.inputs.shape[1:])} and dtype {self.inputs.dtype}, "
                 f"got {tuple(inputs.shape[1:])} {inputs.dtype}"
             )
+        if targets.shape[1:] != self.targets.shape[1:] or targets.dtype != self.targets.dtype:
+            raise ValueError(
+                f"memory holds targets of shape {tuple(self.targets.shape[1:])} and dtype {self.targets.dtype}, "
+                f"got {tuple(targets.shape[1:])} {targets.dtype}"
+            )
         if set(metadata) != set(self.metadata):
             raise ValueError(f"memory metadata columns are {sorted(self.metadata)}, got {sorted(metadata)}")
         for name, value in metadata.items():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, Subset
 
 from retain.batching import BatchSource, dataset_tensors, materialize
 from retain.memory import ReservoirMemory
@@ -97,8 +97,6 @@ class Learner:
         """Prepares an update: task head, data sources, class mask, checks on the data."""
         self.task_id = task_id or DEFAULT_TASK_ID
         self.model.add_task_params(self.task_id)
-        if self.task_id not in self.task_ids_seen:
-            self.task_ids_seen.append(self.task_id)
         self._train_dataset = train_dataset
         self._train_source = BatchSource(
             train_dataset,
@@ -121,10 +119,12 @@ class Learner:
         if self._val_source is not None:
             self._check_data(self._val_source, "val_dataset")
         self._class_mask = self._compute_class_mask(self._train_source) if self.options.mask_unused_classes else None
+        if self.task_id not in self.task_ids_seen:  # only once the data passed the checks
+            self.task_ids_seen.append(self.task_id)
 
     def _check_data(self, source: BatchSource, name: str) -> None:
         """Fails fast, before training, on data the model cannot take."""
-        inputs, targets = source.tensors if source.tensors is not None else next(iter(source))
+        inputs, targets = source.tensors if source.tensors is not None else source.first_batch()
         if targets.dtype.is_floating_point or targets.dtype == torch.bool or targets.dim() != 1:
             raise ValueError(
                 f"{name}: targets must be a 1-D integer tensor of class indices, got "
@@ -161,6 +161,19 @@ class Learner:
         """The new-data batches of one epoch, on the training device."""
         assert self._train_source is not None, "call on_model_update_start first"
         return self._train_source
+
+    def use_train_shard(self, indices: Tensor, batch_size: int) -> None:
+        """Trains this update on the items ``indices`` of ``train_dataloader()``'s dataset only, in
+        batches of ``batch_size`` (a DDP rank's shard, see ``retain.updaters.distributed``)."""
+        source = self.train_dataloader()
+        self._train_source = BatchSource(
+            Subset(source.dataset, indices.tolist()),
+            batch_size,
+            self.device,
+            shuffle=True,
+            generator=self.generator,
+            collate_fn=source.collate_fn,
+        )
 
     def val_dataloader(self) -> BatchSource | None:
         return self._val_source

@@ -71,10 +71,10 @@ class JointLearner(Learner):
                 )
             inputs = torch.cat([self.seen_inputs, inputs.to(self.seen_inputs.dtype)])
             targets = torch.cat([self.seen_targets, targets.to(self.seen_targets.dtype)])
-        self.seen_inputs, self.seen_targets = inputs, targets
         super().on_model_update_start(
             TensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id
         )
+        self.seen_inputs, self.seen_targets = inputs, targets  # kept only once the data passed the checks
         reset_parameters(self.model)
 
     def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:

@@ -149,8 +149,9 @@ def rebuild_model(description: dict[str, Any]) -> ContinualModel:
 
 def _jsonable(owner: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
-        return json.loads(json.dumps(params))
-    except TypeError as err:
+        # allow_nan=False: the manifest is written without NaN/Inf, so refuse them here, before training
+        return json.loads(json.dumps(params, allow_nan=False))
+    except (TypeError, ValueError) as err:
         raise TypeError(
             f"{owner}'s constructor arguments must be JSON values (numbers, strings, lists, dicts) "
             f"so that a state folder can rebuild the model without pickle: {err}"
