@@ -31,6 +31,8 @@ FORMAT_NAME = "retain-state"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
 _FILE_NAME = re.compile(r"^[a-z][a-z0-9_]*\.(json|safetensors)$")
+_TASK_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
+_MAX_MANIFEST_BYTES = 16 * 2**20
 _MANIFEST_KEYS = {
     "format": str,
     "format_version": int,
@@ -59,6 +61,27 @@ def _sha256(data: bytes) -> str:
 
 def _json_bytes(obj: Any) -> bytes:
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
+
+
+def _reject_constant(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in out:
+            raise ValueError(f"duplicate key {key!r}")
+        out[key] = value
+    return out
+
+
+def parse_json(data: bytes, where: str | Path) -> Any:
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting; StateError naming ``where``."""
+    try:
+        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+    except (UnicodeDecodeError, ValueError, RecursionError) as err:
+        raise StateError(f"{where} is not valid JSON: {err}") from None
 
 
 def _fsync_dir(path: Path) -> None:
@@ -104,12 +127,12 @@ def write_state(
 
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
     tmp.mkdir()
+    old: Path | None = None
     try:
         for name, data in payloads.items():
             _write_file(tmp / name, data)
         _write_file(tmp / MANIFEST, _json_bytes(manifest))
         _fsync_dir(tmp)
-        old = None
         if folder.exists():
             old = folder.parent / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(folder, old)
@@ -119,6 +142,8 @@ def write_state(
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
+        if old is not None and not folder.exists():
+            os.rename(old, folder)  # the new folder did not take its place: put the previous state back
         raise
     return folder
 
@@ -168,6 +193,8 @@ def _validate_manifest(manifest: Any, folder: Path) -> None:
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
         raise StateError(f"{where}: format_version must be an integer, got {version!r}")
+    if version < 1:
+        raise StateError(f"{where}: format_version must be >= 1, got {version}")
     if version > FORMAT_VERSION:
         raise StateError(
             f"{where}: format_version {version} is newer than this retain understands ({FORMAT_VERSION}); "
@@ -194,6 +221,13 @@ def _validate_manifest(manifest: Any, folder: Path) -> None:
     model = manifest["model"]
     if set(model) != {"class", "hyperparameters", "task_ids"}:
         raise StateError(f"{where}: 'model' must have keys class, hyperparameters, task_ids")
+    if not isinstance(model["class"], str) or not isinstance(model["hyperparameters"], dict):
+        raise StateError(f"{where}: model class must be a string and hyperparameters an object")
+    for key, ids in (("model.task_ids", model["task_ids"]), ("task_ids_seen", manifest["task_ids_seen"])):
+        if not isinstance(ids, list) or not all(isinstance(t, str) and _TASK_ID.match(t) for t in ids):
+            raise StateError(f"{where}: {key} must be a list of task ids (letters, digits, '_', '-'), got {ids!r}")
+    if manifest["updates_done"] < 0:
+        raise StateError(f"{where}: updates_done must be >= 0, got {manifest['updates_done']}")
 
 
 class StateFolder:
@@ -204,12 +238,13 @@ class StateFolder:
         if not self.path.is_dir():
             raise StateError(f"state folder {self.path} does not exist or is not a folder")
         manifest_path = self.path / MANIFEST
-        if not manifest_path.is_file():
+        if not manifest_path.exists() and not manifest_path.is_symlink():
             raise StateError(f"{manifest_path} is missing: not a complete retain state folder")
-        try:
-            manifest = json.loads(manifest_path.read_bytes().decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StateError(f"{manifest_path} is not valid JSON: {err}") from None
+        if manifest_path.is_symlink() or not manifest_path.is_file():
+            raise StateError(f"{manifest_path}: must be a regular file")
+        if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
+            raise StateError(f"{manifest_path}: larger than {_MAX_MANIFEST_BYTES} bytes, not a manifest")
+        manifest = parse_json(manifest_path.read_bytes(), manifest_path)
         _validate_manifest(manifest, self.path)
         self.manifest: dict[str, Any] = manifest
         present = {p.name for p in self.path.iterdir()}
@@ -225,6 +260,12 @@ class StateFolder:
             path = self.path / name
             if path.is_symlink() or not path.is_file():
                 raise StateError(f"{path}: must be a regular file")
+            size = path.stat().st_size
+            if size != entry["bytes"]:
+                raise StateError(
+                    f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+                    "the file is truncated, corrupt or was edited"
+                )
             data = path.read_bytes()
             if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
                 raise StateError(
@@ -237,12 +278,9 @@ class StateFolder:
         return name in self._payloads
 
     def json(self, name: str) -> Any:
-        try:
-            return json.loads(self._payloads[name].decode("utf-8"))
-        except KeyError:
-            raise StateError(f"{self.path}: {name} is missing") from None
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise StateError(f"{self.path / name} is not valid JSON: {err}") from None
+        if name not in self._payloads:
+            raise StateError(f"{self.path}: {name} is missing")
+        return parse_json(self._payloads[name], self.path / name)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
         try:
@@ -251,3 +289,117 @@ class StateFolder:
             raise StateError(f"{self.path}: {name} is missing") from None
         except Exception as err:  # safetensors raises its own error types on malformed headers
             raise StateError(f"{self.path / name} is not a valid safetensors file: {err}") from None
+
+
+# ------------------------------------------------------------------------------------------------
+# Content checks used when a state is loaded (after the checksums): each raises StateError naming
+# the file and the problem.
+# ------------------------------------------------------------------------------------------------
+_JSON_SCALARS = (str, int, float, bool, type(None))
+
+
+def check_json_like(value: Any, template: Any, where: str | Path, key: str = "") -> None:
+    """``value`` has the keys and value types of ``template`` (what the reader itself would
+    write): objects the same keys, ints ints, strings strings; elements of an empty template list
+    must be strings (the lists in retain's JSON state are task ids)."""
+    at = f" at {key!r}" if key else ""
+
+    def fail(expected: str) -> StateError:
+        return StateError(f"{where}: expected {expected}{at}, got {type(value).__name__} {str(value)[:60]!r}")
+
+    if isinstance(template, dict):
+        if not isinstance(value, dict):
+            raise fail("an object")
+        unknown, missing = sorted(set(value) - set(template)), sorted(set(template) - set(value))
+        if unknown or missing:
+            raise StateError(f"{where}: unknown keys {unknown}, missing keys {missing}{at}")
+        for k, t in template.items():
+            check_json_like(value[k], t, where, f"{key}.{k}" if key else k)
+    elif isinstance(template, list):
+        if not isinstance(value, list):
+            raise fail("a list")
+        for i, item in enumerate(value):
+            check_json_like(item, template[0] if template else "", where, f"{key}[{i}]")
+    elif isinstance(template, bool):
+        if not isinstance(value, bool):
+            raise fail("a boolean")
+    elif isinstance(template, int):
+        if not isinstance(value, int) or isinstance(value, bool):
+            raise fail("an integer")
+    elif isinstance(template, float):
+        if not isinstance(value, int | float) or isinstance(value, bool):
+            raise fail("a number")
+    elif isinstance(template, str):
+        if not isinstance(value, str):
+            raise fail("a string")
+    elif not isinstance(value, _JSON_SCALARS):
+        raise fail("a JSON scalar")
+
+
+def check_memory_json(meta: Any, memory_size: int, where: str | Path) -> None:
+    """memory.json: exactly ``memory_size`` (this memory's), ``seen`` >= 0 and sorted unique column names."""
+    check_json_like(meta, {"memory_size": 0, "seen": 0, "metadata_names": []}, where)
+    if meta["memory_size"] != memory_size:
+        raise StateError(f"{where}: the state holds a memory of size {meta['memory_size']}, this one has {memory_size}")
+    if meta["seen"] < 0:
+        raise StateError(f"{where}: seen must be >= 0, got {meta['seen']}")
+    names = meta["metadata_names"]
+    if names != sorted(set(names)) or not all(re.match(r"^[A-Za-z0-9_]+$", n) for n in names):
+        raise StateError(f"{where}: metadata_names must be sorted unique identifiers, got {names!r}")
+
+
+def check_memory_tensors(tensors: dict[str, torch.Tensor], num_classes: int, where: str | Path) -> None:
+    """memory.safetensors: a uint8 generator state, finite inputs and metadata, 1-D integer
+    targets in ``[0, num_classes)`` (an out-of-range label would crash a GPU kernel later)."""
+    state = tensors.get("generator_state")
+    if state is None or state.dtype != torch.uint8 or state.dim() != 1:
+        raise StateError(f"{where}: generator_state must be a 1-D uint8 tensor")
+    targets = tensors.get("targets")
+    if targets is not None:
+        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
+            raise StateError(
+                f"{where}: targets must be a 1-D integer tensor, got {targets.dtype} {tuple(targets.shape)}"
+            )
+        if targets.numel() and num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            raise StateError(f"{where}: targets must lie in [0, {num_classes - 1}]")
+    for name, value in tensors.items():
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise StateError(f"{where}: {name} contains NaN or Inf")
+
+
+def check_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
+    """model.safetensors: the model's tensor names, shapes and dtypes exactly, all finite."""
+    expected = model.state_dict()
+    unknown, missing = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
+    if unknown or missing:
+        raise StateError(f"{where} does not fit the model: unexpected tensors {unknown}, missing tensors {missing}")
+    for name, value in weights.items():
+        ref = expected[name]
+        if value.dtype != ref.dtype or value.shape != ref.shape:
+            raise StateError(
+                f"{where}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, the model needs "
+                f"{ref.dtype} {tuple(ref.shape)}"
+            )
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")
+
+
+def check_tensors_roundtrip(
+    loaded: dict[str, torch.Tensor], resaved: dict[str, torch.Tensor], where: str | Path
+) -> None:
+    """After loading, saving again gives the same tensor names, dtypes and shapes (nothing in the
+    file was ignored or silently converted), and no floating-point tensor holds NaN or Inf."""
+    if set(loaded) != set(resaved):
+        raise StateError(
+            f"{where}: unexpected tensors {sorted(set(loaded) - set(resaved))}, "
+            f"missing tensors {sorted(set(resaved) - set(loaded))}"
+        )
+    for name, value in loaded.items():
+        ref = resaved[name]
+        if value.dtype != ref.dtype or value.shape != ref.shape:
+            raise StateError(
+                f"{where}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, "
+                f"expected {ref.dtype} {tuple(ref.shape)}"
+            )
+        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+            raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")

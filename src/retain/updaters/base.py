@@ -9,6 +9,7 @@ process or job, and continues exactly where the previous one stopped.
 from __future__ import annotations
 
 import contextlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -18,10 +19,22 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import retain
+from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
 from retain.learners.base import Learner, model_device, new_checkpoint
 from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
-from retain.state import StateError, StateFolder, lock_output_folder, write_state
+from retain.state import (
+    MANIFEST,
+    StateError,
+    StateFolder,
+    check_json_like,
+    check_memory_json,
+    check_memory_tensors,
+    check_model_weights,
+    check_tensors_roundtrip,
+    lock_output_folder,
+    write_state,
+)
 from retain.updaters.loop import FitResult, fit
 
 
@@ -30,14 +43,22 @@ def resolve_device(accelerator: str, devices: int | None) -> torch.device:
     if accelerator in ("gpu", "cuda"):
         if not torch.cuda.is_available():
             raise RuntimeError(f"accelerator={accelerator!r} was asked for, but no CUDA GPU is available")
-        return torch.device("cuda")
+        return _cuda_device(devices)
     if accelerator == "mps":
         if not torch.backends.mps.is_available():
             raise RuntimeError("accelerator='mps' was asked for, but MPS is not available")
         return torch.device("mps")
     if accelerator == "auto" and torch.cuda.is_available():
-        return torch.device("cuda")
+        return _cuda_device(devices)
     return torch.device("cpu")
+
+
+def _cuda_device(devices: int | None) -> torch.device:
+    """``cuda:LOCAL_RANK`` for a rank of a multi-process update (torchrun or spawned), else ``cuda``."""
+    local_rank = os.environ.get("LOCAL_RANK")
+    if devices is not None and devices > 1 and local_rank is not None:
+        return torch.device("cuda", int(local_rank))
+    return torch.device("cuda")
 
 
 def seed_update(seed: int, updates_done: int) -> None:
@@ -51,6 +72,8 @@ class ModelUpdater:
     ``learner_kwargs`` holds the method's own options (memory size, alpha, ...); the common
     training options are keyword arguments (see ``TrainingOptions``).
     """
+
+    supports_resume = False  # True where ``_train`` passes ``self._fit_kwargs`` to its one ``fit``
 
     def __init__(
         self,
@@ -68,6 +91,15 @@ class ModelUpdater:
         self.options = TrainingOptions.from_kwargs(type(self).__name__, **options)
         self.input_state_folder = Path(input_state_folder) if input_state_folder is not None else None
         self.output_state_folder = Path(output_state_folder) if output_state_folder is not None else None
+        if self.options.checkpoint_every_n_epochs:
+            if not self.supports_resume:
+                raise ValueError(f"{type(self).__name__} does not support checkpoint_every_n_epochs (set it to 0)")
+            if self.output_state_folder is None:
+                raise ValueError(
+                    "checkpoint_every_n_epochs needs an output_state_folder (the checkpoint sits beside it)"
+                )
+        self._fit_kwargs: dict[str, Any] = {}
+        self.resumed_from_epoch = 0
         self.learner_kwargs = dict(learner_kwargs or {})
         self.device = resolve_device(self.options.accelerator, self.options.devices)
         self.model = model.to(self.device)
@@ -92,35 +124,68 @@ class ModelUpdater:
         m = state.manifest
         if m["method"] != self.method_name:
             raise StateError(
-                f"{state.path} was written by {m['method']}, not {self.method_name}: continue it with the same method"
+                f"{state.path / MANIFEST}: the state was written by {m['method']}, not {self.method_name}: "
+                "continue it with the same method"
             )
         saved, mine = m["model"], self.model.describe()
         if saved["class"] != mine["class"] or saved["hyperparameters"] != mine["hyperparameters"]:
             raise StateError(
-                f"{state.path} holds a {saved['class']} with hyperparameters {saved['hyperparameters']}, "
-                f"but the model given is a {mine['class']} with {mine['hyperparameters']}"
+                f"{state.path / MANIFEST}: the state holds a {saved['class']} with hyperparameters "
+                f"{saved['hyperparameters']}, but the model given is a {mine['class']} with {mine['hyperparameters']}"
             )
 
     def _load_model_weights(self, state: StateFolder) -> None:
         for task_id in state.manifest["model"]["task_ids"]:
             self.model.add_task_params(task_id)
         weights = state.tensors("model.safetensors")
+        check_model_weights(self.model, weights, state.path / "model.safetensors")
         try:
             self.model.load_state_dict(weights, strict=True)
         except RuntimeError as err:
             raise StateError(f"{state.path / 'model.safetensors'} does not fit the model: {err}") from None
 
     def _load_learner_state(self, state: StateFolder) -> None:
-        checkpoint = {"json": state.json("learner.json"), "tensors": state.tensors("learner.safetensors")}
+        """Restores learner and memory, refusing (StateError naming the file) any JSON whose keys or
+        value types differ from what this learner writes, and tensors it would not write back."""
+        template = new_checkpoint()
+        self.learner.on_save_checkpoint(template)
+        learner_json, learner_path = state.json("learner.json"), state.path / "learner.json"
+        check_json_like(learner_json, template["json"], learner_path)
+        for key in ("global_step", "updates_done"):
+            if learner_json[key] < 0:
+                raise StateError(f"{learner_path}: {key} must be >= 0, got {learner_json[key]}")
+        for key in ("updates_done", "task_ids_seen"):
+            if learner_json[key] != state.manifest[key]:
+                raise StateError(f"{learner_path}: {key} {learner_json[key]!r} differs from the manifest's")
+        tensors = state.tensors("learner.safetensors")
         try:
-            self.learner.on_load_checkpoint(checkpoint)
-            memory = self.learner.memory_for_state()
-            if memory is not None:
-                memory.load_state_dict(state.json("memory.json"), state.tensors("memory.safetensors"))
+            self.learner.on_load_checkpoint({"json": learner_json, "tensors": tensors})
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
             raise StateError(
-                f"{state.path}: learner or memory state does not fit {self.method_name}: {err!r}"
+                f"{state.path / 'learner.safetensors'}: learner state does not fit {self.method_name}: {err!r}"
             ) from None
+        resaved = new_checkpoint()
+        self.learner.on_save_checkpoint(resaved)
+        check_tensors_roundtrip(tensors, resaved["tensors"], state.path / "learner.safetensors")
+        memory = self.learner.memory_for_state()
+        if memory is None:
+            return
+        meta, memory_path = state.json("memory.json"), state.path / "memory.json"
+        check_memory_json(meta, memory.memory_size, memory_path)
+        memory_tensors = state.tensors("memory.safetensors")
+        num_classes = int(getattr(self.model, "num_outputs", 0))
+        check_memory_tensors(memory_tensors, num_classes, state.path / "memory.safetensors")
+        try:
+            memory.load_state_dict(meta, memory_tensors)
+        except (KeyError, ValueError, TypeError, RuntimeError) as err:
+            raise StateError(f"{state.path / 'memory.safetensors'}: memory state does not fit: {err!r}") from None
+        check_tensors_roundtrip(memory_tensors, memory.state_dict()[1], state.path / "memory.safetensors")
+
+    def load_resume_state(self, state: StateFolder) -> None:
+        """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
+        self._check_state_matches(state)
+        self._load_model_weights(state)
+        self._load_learner_state(state)
 
     # ------------------------------------------------------------------ the update
     def update(
@@ -131,17 +196,43 @@ class ModelUpdater:
         val_dataset_collate_fn: Callable | None = None,
         task_id: str | None = None,
     ) -> ContinualModel:
-        """Trains on ``train_dataset`` and returns the model to predict with."""
+        """Trains on ``train_dataset`` and returns the model to predict with.
+
+        With ``checkpoint_every_n_epochs`` it resumes from a matching in-progress checkpoint
+        beside the output folder (see ``retain.checkpoint``) and removes it once the state is written.
+        """
+        from retain.updaters import distributed  # imported here: it builds on this module
+
+        if distributed.wants_ddp(self.options):
+            return distributed.distributed_update(
+                self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
+            )
         lock = lock_output_folder(self.output_state_folder) if self.output_state_folder else contextlib.nullcontext()
         with lock, _deterministic(self.options.deterministic_trainer):
             seed_update(self.learner.seed, self.learner.updates_done)
+            checkpointing = bool(self.options.checkpoint_every_n_epochs)
+            state_sha = state_digest(self) if checkpointing else ""
             self.learner.on_model_update_start(
                 train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
             )
-            self.last_fit = self._train()
+            checkpointer = None
+            if checkpointing:
+                fingerprint = update_fingerprint(
+                    self, state_sha, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn,
+                    task_id,
+                )  # fmt: skip
+                checkpointer = ResumeCheckpointer(self, fingerprint)
+                self._fit_kwargs = checkpointer.restore()
+                self.resumed_from_epoch = checkpointer.resumed_from_epoch
+            try:
+                self.last_fit = self._train()
+            finally:
+                self._fit_kwargs = {}
             self.learner.on_model_update_end()
             if self.output_state_folder is not None:
                 self.save_state(self.output_state_folder)
+            if checkpointer is not None:
+                checkpointer.discard()
         return self.learner.inference_model()
 
     def _train(self) -> FitResult:
@@ -153,6 +244,11 @@ class ModelUpdater:
 
     def save_state(self, folder: str | Path) -> Path:
         """Writes the full continual state to ``folder`` (atomically)."""
+        return write_state(folder, *self.state_payload())
+
+    def state_payload(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
+        """(manifest, JSON files, tensor files) of the full state as it is now. Callables in the
+        options are recorded by their repr without memory addresses (same bytes in every process)."""
         checkpoint = new_checkpoint()
         self.learner.on_save_checkpoint(checkpoint)
         served = self.learner.inference_model()
@@ -161,7 +257,9 @@ class ModelUpdater:
             "method": self.method_name,
             "model": served.describe(),
             "method_options": self.method_options(),
-            "options": self.options.describe(),
+            "options": {
+                k: without_addresses(v) if isinstance(v, str) else v for k, v in self.options.describe().items()
+            },
             "updates_done": self.learner.updates_done,
             "task_ids_seen": list(self.learner.task_ids_seen),
         }
@@ -173,18 +271,30 @@ class ModelUpdater:
         memory = self.learner.memory_for_state()
         if memory is not None:
             json_files["memory.json"], tensor_files["memory.safetensors"] = memory.state_dict()
-        return write_state(folder, manifest, json_files, tensor_files)
+        return manifest, json_files, tensor_files
 
 
 class SingleTrainingLoopUpdater(ModelUpdater):
-    """An updater whose update is one training loop of ``max_epochs`` epochs."""
+    """An updater whose update is one training loop of ``max_epochs`` epochs (resumable)."""
+
+    supports_resume = True
 
     def _train(self) -> FitResult:
-        return fit(self.learner, description=f"{self.method_name} task {self.learner.task_id}")
+        return fit(self.learner, description=f"{self.method_name} task {self.learner.task_id}", **self._fit_kwargs)
 
 
 @contextlib.contextmanager
 def _deterministic(enabled: bool):
+    """``deterministic_trainer=True``: ``torch.use_deterministic_algorithms(True)`` during the update.
+
+    On CPU, updates are bit-identical for the same seed, data and options in any case. On a GPU
+    they are bit-identical only with this switch on, on the same GPU model, driver, CUDA/cuDNN and
+    PyTorch versions (older CUDA/PyTorch also need ``CUBLAS_WORKSPACE_CONFIG=:4096:8`` set before
+    CUDA starts); an op without a deterministic kernel then raises instead of varying. Without it,
+    cuBLAS/cuDNN kernel choice and atomic adds (e.g. in index backward passes) can change the last
+    bits from run to run. GPU results never match CPU results bit for bit, and mixed precision
+    (``16-mixed``, ``bf16-mixed``) differs from 32-bit.
+    """
     if not enabled:
         yield
         return
@@ -201,9 +311,14 @@ def load_model(state_folder: str | Path) -> ContinualModel:
     from retain.models.base import rebuild_model
 
     state = StateFolder(state_folder)
-    model = rebuild_model(state.manifest["model"])
     try:
-        model.load_state_dict(state.tensors("model.safetensors"), strict=True)
+        model = rebuild_model(state.manifest["model"])
+    except (TypeError, ValueError) as err:
+        raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {err}") from None
+    weights = state.tensors("model.safetensors")
+    check_model_weights(model, weights, state.path / "model.safetensors")
+    try:
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise StateError(f"{state.path / 'model.safetensors'} does not fit the recorded model: {err}") from None
     return model.eval()
