@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from retain.batching import BatchSource, dataset_tensors, materialize
+from retain.batching import BatchSource, materialize
 from retain.memory import ReservoirMemory
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel
 from retain.options import TrainingOptions
@@ -330,6 +330,15 @@ class ReplayLearner(Learner):
     def memory_for_state(self) -> ReservoirMemory | None:
         return self.memory
 
-
-def is_tensor_dataset(dataset: Dataset) -> bool:
-    return dataset_tensors(dataset) is not None
+    def on_model_update_start(self, *args: Any, **kwargs: Any) -> None:
+        super().on_model_update_start(*args, **kwargs)
+        stored = self.memory.inputs
+        if stored is not None:
+            assert self._train_source is not None
+            source = self._train_source
+            inputs, _ = source.tensors if source.tensors is not None else source.first_batch()
+            if inputs.shape[1:] != stored.shape[1:] or inputs.dtype != stored.dtype:
+                raise ValueError(
+                    f"train_dataset: raw inputs of per-item shape {tuple(inputs.shape[1:])} and dtype {inputs.dtype} "
+                    f"cannot join the memory, which holds {tuple(stored.shape[1:])} {stored.dtype} from earlier updates"
+                )
