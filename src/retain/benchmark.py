@@ -12,7 +12,7 @@ import functools
 import inspect
 import shutil
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,6 +28,7 @@ from retain.methods import (
     FineTuningModelUpdater,
     JointModelUpdater,
     PooledOutputDistillationExperienceReplayModelUpdater,
+    RepeatedDistillationModelUpdater,
     SuperExperienceReplayModelUpdater,
 )
 from retain.models import ContinualModel, MultiLayerPerceptron, ResNet18
@@ -73,6 +74,8 @@ METHODS: dict[str, MethodSpec] = {
     "cls": MethodSpec(CLSExperienceReplayModelUpdater, "CLS-ER (Arani et al. 2022)", {"memory_size": 500}),
     "super": MethodSpec(SuperExperienceReplayModelUpdater, "DER++ + shrink&perturb + CLS-ER + POD",
                         {"memory_size": 500}),
+    "rd": MethodSpec(RepeatedDistillationModelUpdater, "Repeated Distillation (expert + consolidation on memory)",
+                     {"memory_size": 500, "consolidation_epochs": 50}),
 }
 
 OPTIMIZERS = {"sgd": torch.optim.SGD, "adam": torch.optim.Adam, "adamw": torch.optim.AdamW}
@@ -91,6 +94,7 @@ class BenchmarkConfig:
     classes_per_task: int | None = None
     shuffle_classes: bool = False
     val_fraction: float = 0.0
+    score_on: str = "test"  # 'val': the accuracy matrix is measured on the val parts only (for tuning)
     data_dir: str | None = None
     model: str = "mlp"
     hidden_sizes: tuple[int, ...] = (100, 100)
@@ -140,6 +144,9 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
         raise ValueError(f"method {config.method!r} has no option(s) {', '.join(unknown)}; "
                          f"its options are: {', '.join(sorted(known))}")
     TrainingOptions.from_kwargs("retain benchmark", **config.training_options)  # fail before loading data
+    _check_choice("score_on", config.score_on, ("test", "val"))
+    if config.score_on == "val" and not config.val_fraction > 0:
+        raise ValueError("score_on='val' needs val_fraction > 0 (the share of each task's train data held out)")
 
     splits = load_dataset(config.dataset, config.data_dir)
     scenario_kwargs: dict[str, Any] = {"val_fraction": config.val_fraction}
@@ -183,7 +190,9 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
     torch.manual_seed(seed)
     initial_model = build_model(config, splits.input_shape, splits.num_classes)
     device_model = None
-    initial_accuracy = accuracy_row(initial_model, tasks, transform=test_transform, task_incremental=task_incremental)
+    # With score_on='val' every accuracy below is measured on the tasks' val parts: no test data is read.
+    scored = tasks if config.score_on == "test" else [replace(task, test=task.val) for task in tasks]
+    initial_accuracy = accuracy_row(initial_model, scored, transform=test_transform, task_incremental=task_incremental)
     rows, seconds = [], []
     previous: Path | None = None
     for i, task in enumerate(tasks):
@@ -195,7 +204,7 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
         started = time.perf_counter()
         device_model = updater.update(task.train, task.val)
         seconds.append(time.perf_counter() - started)
-        rows.append(accuracy_row(device_model, tasks, transform=test_transform, task_incremental=task_incremental))
+        rows.append(accuracy_row(device_model, scored, transform=test_transform, task_incremental=task_incremental))
         seen = rows[-1][: i + 1]
         log(f"[seed {seed}] update {i + 1}/{len(tasks)} ({task.task_id}, {len(task.train)} items): "
             f"{seconds[-1]:.1f}s, mean accuracy on seen tasks {100 * sum(seen) / len(seen):.2f}%")

@@ -14,6 +14,12 @@ from retain.methods.er import (
     SuperExperienceReplayLearner,
     SuperExperienceReplayModelUpdater,
 )
+from retain.methods.repeated_distill import (
+    RepeatedDistillationLearner,
+    RepeatedDistillationModelUpdater,
+    double_distillation_loss,
+    extract_logits,
+)
 
 __all__ = [
     "BaseExperienceReplayLearner",
@@ -28,6 +34,10 @@ __all__ = [
     "JointModelUpdater",
     "PooledOutputDistillationExperienceReplayLearner",
     "PooledOutputDistillationExperienceReplayModelUpdater",
+    "RepeatedDistillationLearner",
+    "RepeatedDistillationModelUpdater",
     "SuperExperienceReplayLearner",
     "SuperExperienceReplayModelUpdater",
+    "double_distillation_loss",
+    "extract_logits",
 ]
