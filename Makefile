@@ -1,24 +1,29 @@
 # The two set-up commands of the README: `make demo` (the default benchmark) and `make test`.
 VENV ?= .venv
 PY := $(VENV)/bin/python
-STAMP := $(VENV)/.installed
+PIP := $(PY) -m pip install -q -c constraints.txt
 
 .PHONY: demo test lint clean
 
-$(STAMP): pyproject.toml constraints.txt
+$(VENV)/.base: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
-	$(PY) -m pip install -q -c constraints.txt torch==2.13.0
-	$(PY) -m pip install -q -c constraints.txt -e '.[test]'
-	touch $(STAMP)
+	$(PIP) torch==2.13.0
+	$(PIP) -e .
+	touch $@
 
-demo: $(STAMP)
+# The test extra adds pytest, hypothesis and ruff; the tune extra adds Syne Tune for `retain tune`.
+$(VENV)/.test: $(VENV)/.base
+	$(PIP) -e '.[test,tune]'
+	touch $@
+
+demo: $(VENV)/.base
 	$(VENV)/bin/retain benchmark --output runs/demo
 
-test: $(STAMP)
+test: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
 	$(PY) -m pytest -q
 
-lint: $(STAMP)
+lint: $(VENV)/.test
 	$(VENV)/bin/ruff check src tests benchmarks
 
 clean:

@@ -8,7 +8,7 @@ import importlib.util
 import inspect
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -21,6 +21,7 @@ retain: continual learning that keeps what it learned.
   retain benchmark --method er --help   every option of one method
   retain update --config my_config.py --input-state state/v1 --output-state state/v2
   retain evaluate --config my_config.py --state state/v2
+  retain tune --method er --search-space space.json --trials 20   (needs `pip install retain[tune]`)
 """
 
 # Per-dataset defaults for options the user does not give (the DER paper's protocol for MNIST).
@@ -69,13 +70,15 @@ def _add_option(group: argparse._ArgumentGroup, name: str, default: Any, annotat
                            help=f"{help_text} (default: {default})")
 
 
-def _benchmark_parser(method: str | None) -> argparse.ArgumentParser:
+def _benchmark_parser(
+    method: str | None, prog: str = "retain benchmark", output: str = "runs/benchmark"
+) -> argparse.ArgumentParser:
     from retain.benchmark import METHODS, MODELS, OPTIMIZERS
     from retain.data import DATASET_NAMES, SCENARIO_NAMES
     from retain.options import TrainingOptions
 
     p = argparse.ArgumentParser(
-        prog="retain benchmark",
+        prog=prog,
         description="Run a method over a continual scenario (each update from the previous state folder) and "
                     "write results.json, CSV tables and PNG plots to --output.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -91,9 +94,10 @@ def _benchmark_parser(method: str | None) -> argparse.ArgumentParser:
     g.add_argument("--classes-per-task", type=int, default=None, help="alternative to --num-tasks")
     g.add_argument("--shuffle-classes", action="store_true", help="class order drawn from the seed")
     g.add_argument("--val-fraction", type=float, default=0.0, help="share of each task's train data held out")
-    g.add_argument("--data-dir", default=None, help="dataset folder (default: $RETAIN_DATA_DIR or ~/.cache/retain/data)")
+    g.add_argument("--data-dir", default=None,
+                   help="dataset folder (default: $RETAIN_DATA_DIR or ~/.cache/retain/data)")
     g.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0], help="one or more seeds (mean ± std)")
-    g.add_argument("--output", default="runs/benchmark", help="report and state folders (default: runs/benchmark)")
+    g.add_argument("--output", default=output, help=f"report and state folders (default: {output})")
     g.add_argument("--keep-all-states", action="store_true", help="keep every update's state folder")
     m = p.add_argument_group("model and optimizer")
     m.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default: mlp; resnet18 for CIFAR)")
@@ -121,8 +125,12 @@ def _benchmark_parser(method: str | None) -> argparse.ArgumentParser:
     return p
 
 
-def _benchmark(argv: Sequence[str]) -> int:
-    from retain.benchmark import METHODS, BenchmarkConfig, run_benchmark
+def parse_benchmark_args(
+    argv: Sequence[str], prog: str = "retain benchmark", output: str = "runs/benchmark",
+    customize: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
+    """The benchmark flags (with the options of ``--method``), plus what ``customize`` adds."""
+    from retain.benchmark import METHODS
 
     pre = argparse.ArgumentParser(add_help=False)
     pre.add_argument("--method", default="er")
@@ -130,7 +138,23 @@ def _benchmark(argv: Sequence[str]) -> int:
     known, _ = pre.parse_known_args(argv)
     if known.method not in METHODS:
         raise CLIError(f"unknown method {known.method!r}; choose one of: {', '.join(METHODS)}")
-    args = _benchmark_parser(known.method).parse_args(argv)
+    parser = _benchmark_parser(known.method, prog, output)
+    if customize is not None:
+        customize(parser)
+    return parser.parse_args(argv)
+
+
+def _benchmark(argv: Sequence[str]) -> int:
+    from retain.benchmark import run_benchmark
+
+    run_benchmark(benchmark_config(parse_benchmark_args(argv)))
+    return 0
+
+
+def benchmark_config(args: argparse.Namespace) -> Any:
+    """The ``BenchmarkConfig`` of parsed benchmark flags, with the dataset's recipe for what is not given."""
+    from retain.benchmark import METHODS, BenchmarkConfig
+
     recipe = RECIPES.get(args.dataset, {})
     method_options = {n: getattr(args, n) for n in METHODS[args.method].method_options() if getattr(args, n, None)
                       is not None}
@@ -152,8 +176,7 @@ def _benchmark(argv: Sequence[str]) -> int:
         output=args.output, keep_all_states=args.keep_all_states, method_options=method_options,
         training_options=training_options,
     )
-    run_benchmark(config)
-    return 0
+    return config
 
 
 # ---------------------------------------------------------------------------------------------- update
@@ -259,7 +282,13 @@ def _evaluate(argv: Sequence[str]) -> int:
     return 0
 
 
-COMMANDS = {"benchmark": _benchmark, "update": _update, "evaluate": _evaluate}
+def _tune(argv: Sequence[str]) -> int:
+    from retain.tune import tune_command
+
+    return tune_command(argv)
+
+
+COMMANDS = {"benchmark": _benchmark, "update": _update, "evaluate": _evaluate, "tune": _tune}
 
 
 def main(argv: Sequence[str] | None = None) -> int:

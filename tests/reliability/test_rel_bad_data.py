@@ -77,9 +77,10 @@ DATA_CASES: dict[str, tuple[Callable[[], Dataset], Any, str]] = {
     "2-D labels": (lambda: _data(lambda x, y: (x, y[:, None])), ValueError, "1-D integer tensor"),
     "wrong input shape": (lambda: _data(lambda x, y: (x[:, :15], y)), ValueError, r"shape \(15,\).*do not fit"),
     "wrong input dtype": (lambda: _data(lambda x, y: (x.double(), y)), ValueError, "torch.float64 do not fit"),
-    # the train transform makes int64 inputs fit the model, but not the float32 rows of the memory
-    # (found at the first memory write, after one step: see the report)
-    "integer inputs": (lambda: _data(lambda x, y: (x.long(), y)), ValueError, "memory holds inputs .* torch.int64"),
+    # the train transform makes int64 inputs fit the model, but not the float32 rows of the memory:
+    # refused before the first step
+    "integer inputs": (lambda: _data(lambda x, y: (x.long(), y)), ValueError,
+                       r"torch\.int64 cannot join the memory, which holds .* torch\.float32"),
     "NaN input": (lambda: _data(lambda x, y: _set_nan(x, y, float("nan"))), ValueError, "NaN or Inf"),
     "Inf input": (lambda: _data(lambda x, y: _set_nan(x, y, float("inf"))), ValueError, "NaN or Inf"),
     # only the first batch of a non-tensor dataset is checked up front; a NaN further on stops training
