@@ -107,6 +107,7 @@ class BenchmarkConfig:
     seeds: tuple[int, ...] = (0,)
     output: str = "runs/benchmark"
     keep_all_states: bool = False
+    threads: int | None = None  # CPU threads; None: 1 for the MLP (tiny matmuls lose to threading), else torch's
     method_options: dict[str, Any] = field(default_factory=dict)
     training_options: dict[str, Any] = field(default_factory=dict)
 
@@ -144,6 +145,10 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
         raise ValueError(f"method {config.method!r} has no option(s) {', '.join(unknown)}; "
                          f"its options are: {', '.join(sorted(known))}")
     TrainingOptions.from_kwargs("retain benchmark", **config.training_options)  # fail before loading data
+    if config.threads is not None:
+        torch.set_num_threads(config.threads)
+    elif config.model == "mlp":
+        torch.set_num_threads(1)
     _check_choice("score_on", config.score_on, ("test", "val"))
     if config.score_on == "val" and not config.val_fraction > 0:
         raise ValueError("score_on='val' needs val_fraction > 0 (the share of each task's train data held out)")

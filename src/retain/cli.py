@@ -99,6 +99,8 @@ def _benchmark_parser(
     g.add_argument("--seed", dest="seeds", type=int, nargs="+", default=[0], help="one or more seeds (mean ± std)")
     g.add_argument("--output", default=output, help=f"report and state folders (default: {output})")
     g.add_argument("--keep-all-states", action="store_true", help="keep every update's state folder")
+    g.add_argument("--threads", type=int, default=None,
+                   help="CPU threads for torch (default: 1 for the MLP, whose tiny matrix products lose to threading)")
     m = p.add_argument_group("model and optimizer")
     m.add_argument("--model", default=None, help=f"one of {', '.join(MODELS)} (default: mlp; resnet18 for CIFAR)")
     m.add_argument("--hidden-sizes", type=int, nargs="+", default=[100, 100], help="MLP hidden sizes")
@@ -173,7 +175,7 @@ def benchmark_config(args: argparse.Namespace) -> Any:
         width=args.width, optimizer=args.optimizer,
         learning_rate=args.learning_rate if args.learning_rate is not None else recipe.get("learning_rate", 0.05),
         momentum=args.momentum, weight_decay=args.weight_decay, augment=args.augment, seeds=tuple(args.seeds),
-        output=args.output, keep_all_states=args.keep_all_states, method_options=method_options,
+        output=args.output, keep_all_states=args.keep_all_states, threads=args.threads, method_options=method_options,
         training_options=training_options,
     )
     return config
