@@ -56,6 +56,7 @@ def test_hyperparameters_are_the_constructor_arguments() -> None:
         "num_outputs": 10,
         "hidden_sizes": [32, 16],
         "activation": "relu",
+        "init": "xavier",
     }
     assert model.describe() == {
         "class": "MultiLayerPerceptron",
@@ -174,3 +175,24 @@ def test_resnet18_width_20_shapes() -> None:
     assert gray(torch.rand(1, 1, 28, 28)).shape == (1, 5)
     # The reduced ResNet-18 of GEM/DER (nf=20): 4 stages of 2 basic blocks, ~1.1M parameters.
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(1.1e6, rel=0.05)
+
+
+def test_mlp_xavier_init_is_the_der_papers_and_survives_reset() -> None:
+    torch.manual_seed(0)
+    model = MultiLayerPerceptron(784, 10, (100, 100))
+    bound = (6 / (784 + 100)) ** 0.5  # xavier_uniform for the first layer
+    first = model.layers[0]
+    assert float(first.weight.abs().max()) <= bound
+    assert float(first.weight.abs().max()) > 0.9 * bound  # torch's default bound, 1/sqrt(784), is far below
+    assert torch.count_nonzero(first.bias) == 0
+    assert torch.count_nonzero(model.heads[DEFAULT_TASK_ID].bias) == 0
+    model.add_task_params("other")
+    assert torch.count_nonzero(model.heads["other"].bias) == 0
+    with torch.no_grad():
+        first.bias.fill_(1.0)
+    model.reset_parameters()
+    assert torch.count_nonzero(first.bias) == 0
+    torch_init = MultiLayerPerceptron(784, 10, (100, 100), init="torch")
+    assert float(torch_init.layers[0].weight.abs().max()) <= 1 / 784**0.5
+    with pytest.raises(ValueError, match="init"):
+        MultiLayerPerceptron(init="he")

@@ -85,7 +85,8 @@ def test_rd_expert_and_consolidated_model_start_from_fresh_seeded_weights(monkey
     for name, value in cons_start.items():
         torch.testing.assert_close(value, fresh_consolidated.state_dict()[name], rtol=0, atol=0)
         assert not torch.equal(value, before[name]), name
-        assert not torch.equal(value, expert_start[name]), name
+        if name.endswith("weight"):  # biases start at zero under the MLP's Xavier initialisation
+            assert not torch.equal(value, expert_start[name]), name
     # the expert trained (it is discarded, the served model is the consolidated one)
     assert not torch.equal(expert.state_dict()["layers.0.weight"], expert_start["layers.0.weight"])
 

@@ -38,7 +38,10 @@ class FineTuningModelUpdater(SingleTrainingLoopUpdater):
 
 
 def reset_parameters(model: nn.Module) -> None:
-    """Re-initialises every submodule that has ``reset_parameters`` (draws from the global generator)."""
+    """Re-initialises the model as a fresh one would be (draws from the global generator)."""
+    if isinstance(model, ContinualModel):
+        model.reset_parameters()
+        return
     for module in model.modules():
         if module is not model and hasattr(module, "reset_parameters"):
             module.reset_parameters()

@@ -100,6 +100,12 @@ class ContinualModel(nn.Module):
         layers they expose to ``self._intermediate_representation_cache``."""
         raise NotImplementedError
 
+    def reset_parameters(self) -> None:
+        """Re-initialises every layer (drawing from the global generator), as a fresh model would be."""
+        for module in self.modules():
+            if module is not self and hasattr(module, "reset_parameters"):
+                module.reset_parameters()
+
     def make_head(self) -> nn.Module:
         return nn.Linear(self.num_features, self.num_outputs)
 
