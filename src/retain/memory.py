@@ -62,6 +62,8 @@ class ReservoirMemory:
         self.metadata: dict[str, Tensor] = {}
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(int(seed))
+        self._orders: dict[int, Tensor] = {}  # arange(n) per batch size, reused by every write
+        self._last_writer: Tensor | None = None  # scratch of reservoir_slots (never read before written)
 
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
@@ -105,16 +107,22 @@ class ReservoirMemory:
         self.seen += n
         if start + n <= M:
             return torch.arange(start, start + n, device=self.device)
-        order = torch.arange(n, device=self.device)
-        t = order + (start + 1)  # 1-based position of each item in the stream
+        # Few tensor ops on purpose: this runs at every training step.
+        order = self._orders.get(n)
+        if order is None:
+            order = self._orders[n] = torch.arange(n, device=self.device)
+        t = torch.arange(start + 1, start + n + 1, dtype=torch.float64, device=self.device)  # 1-based positions
         u = torch.rand(n, dtype=torch.float64, device=self.device, generator=self.generator)
-        drawn = (u * t.to(torch.float64)).floor().long()  # uniform in {0, ..., t-1}
-        slots = torch.where(t <= M, t - 1, drawn)
-        slots = torch.where(slots < M, slots, torch.full_like(slots, M))
+        slots = u.mul_(t).long()  # uniform in {0, ..., t-1}: truncation is floor as u * t >= 0
+        if start < M:  # the memory fills up within this batch
+            slots = torch.where(t <= M, order + start, slots)
+        slots.clamp_(max=M)
         # Later items win a slot they share with earlier ones, as in the sequential algorithm.
-        last_writer = torch.full((M + 1,), -1, dtype=torch.long, device=self.device)
-        last_writer.scatter_reduce_(0, slots, order, reduce="amax")
-        return torch.where(last_writer[slots] == order, slots, torch.full_like(slots, M))
+        if self._last_writer is None:
+            self._last_writer = torch.empty(M + 1, dtype=torch.long, device=self.device)
+        last_writer = self._last_writer  # include_self=False: only the entries written here are read
+        last_writer.scatter_reduce_(0, slots, order, reduce="amax", include_self=False)
+        return slots.masked_fill_(last_writer[slots] != order, M)
 
     @torch.no_grad()
     def add(self, inputs: Tensor, targets: Tensor, metadata: dict[str, Tensor] | None = None) -> Tensor:

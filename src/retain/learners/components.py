@@ -181,14 +181,20 @@ class WeightedPooledOutputDistillationLossComponent(Component):
 @torch.no_grad()
 def ema_update(target: nn.Module, source: nn.Module, decay: float) -> None:
     """``target = decay * target + (1 - decay) * source`` for parameters and float buffers; other
-    buffers (BatchNorm's step counter) are copied."""
-    for t, s in zip(target.parameters(), source.parameters(), strict=True):
-        t.mul_(decay).add_(s.detach(), alpha=1.0 - decay)
+    buffers (BatchNorm's step counter) are copied. Runs after every step of CLS-ER: one multi-tensor
+    (``_foreach``) multiply and add per group, the same arithmetic as per-tensor ``mul_``/``add_``."""
+    targets, sources = list(target.parameters()), list(source.parameters())
     for t, s in zip(target.buffers(), source.buffers(), strict=True):
         if t.dtype.is_floating_point:
-            t.mul_(decay).add_(s, alpha=1.0 - decay)
+            targets.append(t)
+            sources.append(s)
         else:
             t.copy_(s)
+    if len(targets) != len(sources):
+        raise ValueError(f"EMA between models with {len(targets)} and {len(sources)} parameters and float buffers")
+    if targets:
+        torch._foreach_mul_(targets, decay)
+        torch._foreach_add_(targets, sources, alpha=1.0 - decay)
 
 
 class WeightedCLSLossComponent(Component):

@@ -68,7 +68,7 @@ class BaseExperienceReplayLearner(ReplayLearner):
         self._loss_components = [c for c in self._components.values() if c.is_loss]
         self._store_logits = any(c.needs_logits for c in self._components.values())
         self._store_features = any(c.needs_features for c in self._components.values())
-        self._step_new: tuple[Tensor, Tensor, Tensor, list[Tensor]] | None = None
+        self._step_new: tuple[Tensor, Tensor, Tensor | None, list[Tensor]] | None = None
         self._replayed: list[tuple[MemoryBatch, Tensor, list[Tensor]]] = []
 
     def components(self, **kwargs: Any) -> dict[str, Component]:
@@ -98,22 +98,29 @@ class BaseExperienceReplayLearner(ReplayLearner):
             memory_batch = self.memory.sample(self.memory_batch_size)
         joined = inputs if memory_batch is None else torch.cat([inputs, memory_batch.inputs.to(inputs.dtype)])
         outputs, features = self._forward(joined)
-        self._step_new = (raw_inputs, raw_targets, outputs[:n].detach(), [f[:n].detach() for f in features])
+        # Per step, detach only what on_train_batch_end stores (logits, features) or refreshes (EMA).
+        logits_new = outputs[:n].detach() if self._store_logits else None
+        self._step_new = (raw_inputs, raw_targets, logits_new, [f[:n].detach() for f in features])
         self._replayed = []
-        loss = self.loss_weight * self.base_loss(outputs[:n], targets)
+        refresh = self.ema_memory_update_gamma < 1.0
+        loss = self.base_loss(outputs[:n], targets)
+        if self.loss_weight != 1.0:  # skipping a product with 1.0 changes no bit
+            loss = self.loss_weight * loss
         total_weight = self.loss_weight
         if memory_batch is not None:
             outputs_memory, features_memory = outputs[n:], [f[n:] for f in features]
-            self._replayed.append((memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory]))
+            if refresh:
+                self._replayed.append((memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory]))
             fresh = True  # the joined batch was drawn for the first loss component
             for component in self._loss_components:
                 if component.sample_new_memory_batch and not fresh:
                     memory_batch = self.memory.sample(self.memory_batch_size)
                     assert memory_batch is not None
                     outputs_memory, features_memory = self._forward(memory_batch.inputs)
-                    self._replayed.append(
-                        (memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory])
-                    )
+                    if refresh:
+                        self._replayed.append(
+                            (memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory])
+                        )
                 fresh = False
                 loss = loss + component.loss(outputs_memory, memory_batch, features_memory)
                 total_weight += component.weight
@@ -133,9 +140,10 @@ class BaseExperienceReplayLearner(ReplayLearner):
         for component in self._components.values():
             component.on_train_batch_end(self.model)
 
-    def _metadata(self, logits: Tensor, features: list[Tensor]) -> dict[str, Tensor]:
+    def _metadata(self, logits: Tensor | None, features: list[Tensor]) -> dict[str, Tensor]:
         metadata = {}
         if self._store_logits:
+            assert logits is not None
             metadata[LOGITS] = logits.float()
         if self._store_features:
             for i, f in enumerate(features):
