@@ -14,8 +14,10 @@ from retain.models.base import ContinualModel
 from retain.updaters.base import SingleTrainingLoopUpdater
 
 
-class FineTuningModelUpdater(SingleTrainingLoopUpdater):
-    """Trains on each new chunk alone, with no memory: the lower bound (it forgets)."""
+class _BaselineModelUpdater(SingleTrainingLoopUpdater):
+    """The constructor of the memory-free baselines: the learner class is the only difference."""
+
+    learner_class: type[Learner] = Learner
 
     def __init__(
         self,
@@ -30,11 +32,17 @@ class FineTuningModelUpdater(SingleTrainingLoopUpdater):
             model,
             loss_fn,
             optimizer,
-            learner_class=Learner,
+            learner_class=self.learner_class,
             input_state_folder=input_state_folder,
             output_state_folder=output_state_folder,
             **options,
         )
+
+
+class FineTuningModelUpdater(_BaselineModelUpdater):
+    """Trains on each new chunk alone, with no memory: the lower bound (it forgets)."""
+
+    learner_class = Learner
 
 
 def reset_parameters(model: nn.Module) -> None:
@@ -92,24 +100,7 @@ class JointLearner(Learner):
         self.seen_targets = checkpoint["tensors"].get("seen_targets")
 
 
-class JointModelUpdater(SingleTrainingLoopUpdater):
+class JointModelUpdater(_BaselineModelUpdater):
     """Joint training on all data seen so far (kept in the state folder as two tensor entries)."""
 
-    def __init__(
-        self,
-        model: ContinualModel,
-        loss_fn: nn.Module | None = None,
-        optimizer: Any = None,
-        input_state_folder: Any = None,
-        output_state_folder: Any = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            optimizer,
-            learner_class=JointLearner,
-            input_state_folder=input_state_folder,
-            output_state_folder=output_state_folder,
-            **options,
-        )
+    learner_class = JointLearner
