@@ -26,8 +26,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 import retain.benchmark as benchmark_module
 from retain.benchmark import BenchmarkConfig, run_benchmark
 from retain.models import MultiLayerPerceptron
@@ -275,9 +273,10 @@ def format_markdown(protocol: Protocol, summaries: Sequence[dict[str, Any]]) -> 
                      f"{len(s['seeds'])} | {paper} | {diff} | {s['wall_seconds']:.0f} | {s['cpu_seconds']:.0f} |")
     total_wall = sum(s["wall_seconds"] for s in summaries)
     total_cpu = sum(s["cpu_seconds"] for s in summaries)
-    inits = sorted({s.get("init", "?") for s in summaries})
-    lines += ["", f"Total: {total_wall:.0f}s wall, {total_cpu:.0f}s CPU ({torch.get_num_threads()} torch thread(s)); "
-              f"MLP initialisation: {', '.join(inits)}.",
+    inits = sorted({str(s.get("init")) for s in summaries})
+    threads = sorted({str(s["config"].get("threads")) for s in summaries})
+    lines += ["", f"Total: {total_wall:.0f}s wall, {total_cpu:.0f}s CPU (torch threads: {', '.join(threads)}; "
+              f"MLP initialisation: {', '.join(inits)}).",
               "", "Notes:", ""]
     lines += [f"- {s['label']} {s['memory'] or ''}: {s['note']}".replace("  ", " ") for s in summaries if s["note"]]
     lines += ["", "Commands (each row by hand):", "", "```"]
