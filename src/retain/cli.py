@@ -254,9 +254,8 @@ def _update(argv: Sequence[str]) -> int:
 
 
 def _evaluate(argv: Sequence[str]) -> int:
-    import torch
-    from torch.utils.data import DataLoader
-
+    from retain.batching import materialize
+    from retain.evaluation import accuracy
     from retain.updaters import load_model
 
     p = argparse.ArgumentParser(prog="retain evaluate", description="Accuracy of a saved state on your test data.",
@@ -269,15 +268,11 @@ def _evaluate(argv: Sequence[str]) -> int:
     test = _config_function(config, "test_dataset_fn", args.config)()
     transform = getattr(config, "TEST_TRANSFORM", None)
     model = load_model(args.state)
-    correct = total = 0
-    with torch.inference_mode():
-        for x, y in DataLoader(test, batch_size=512):
-            x = transform(x) if transform is not None else x
-            correct += int((model(x, getattr(config, "TASK_ID", None)).argmax(1) == y).sum())
-            total += int(y.numel())
-    if total == 0:
+    inputs, targets = materialize(test)
+    if len(targets) == 0:
         raise CLIError("test_dataset_fn() returned an empty dataset")
-    result = {"state": str(args.state), "accuracy": correct / total, "items": total}
+    score = accuracy(model, inputs, targets, transform=transform, task_id=getattr(config, "TASK_ID", None))
+    result = {"state": str(args.state), "accuracy": score, "items": len(targets)}
     print(json.dumps(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")
