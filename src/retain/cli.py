@@ -307,12 +307,15 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"retain: error: unknown command {command!r}; choose one of: {', '.join(COMMANDS)}", file=sys.stderr)
             return 2
     from retain.data import DatasetFileError
-    from retain.state import StateError
+    from retain.state import StateError, os_error_message, printable
 
     try:
         return COMMANDS[command](argv[1:])
-    except (CLIError, ValueError, TypeError, StateError, DatasetFileError, FileNotFoundError) as err:
-        print(f"retain {command}: error: {err}", file=sys.stderr)
+    except (CLIError, ValueError, TypeError, StateError, DatasetFileError) as err:
+        print(f"retain {command}: error: {printable(err)}", file=sys.stderr)
+        return 2
+    except OSError as err:  # disk full, read-only folder, name too long, a file as parent, ...
+        print(f"retain {command}: error: {os_error_message(err)}", file=sys.stderr)
         return 2
 
 

@@ -2,37 +2,52 @@
 
 A state folder holds JSON and safetensors files only, listed with their sha256 and size in
 ``manifest.json``. It is written into a hidden temporary sibling folder, flushed to disk, and
-renamed into place, so a crash leaves either the old folder or the complete new one. Reading
-checks the manifest's schema and format version, that every listed file is a plain name inside
-the folder, that no file is missing or unexpected, and every checksum, before any tensor is
-parsed. Nothing is ever unpickled.
+renamed into place, so a crash leaves either the old folder or the complete new one.
+
+Paths are guarded, because a state path that is not a state folder must never cost the user a file:
+- retain writes only a path that does not exist or an existing retain state folder (a valid
+  manifest and nothing but the files it lists); an output equal to, inside, or containing the
+  input is refused (``check_output_path``), before anything is trained or read;
+- the output's lock (``OutputLock``) is taken before the input is read and removed when the update
+  ends; locks and leftovers are opened without following symlinks and matched by exact names;
+- reading bounds every file before it reads it: the manifest and JSON files by size and nesting,
+  tensor files by their header, which is parsed by this module (strict JSON, dtypes, shapes and
+  offsets that tile the file exactly) before any tensor is allocated. Every file's checksum is
+  verified by streaming before anything is used, and again as its tensors are read into their
+  final buffers, so nothing holds a file's bytes. Nothing is ever unpickled.
 """
 
 from __future__ import annotations
 
-import contextlib
 import errno
 import fcntl
 import hashlib
 import json
+import math
 import os
 import re
 import secrets
 import shutil
-from collections.abc import Iterator
+import stat
+from collections.abc import Iterable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import torch
-from safetensors.torch import load as load_safetensors_bytes
-from safetensors.torch import save as save_safetensors_bytes
 
 FORMAT_NAME = "retain-state"
 FORMAT_VERSION = 1
 MANIFEST = "manifest.json"
-_FILE_NAME = re.compile(r"^[a-z][a-z0-9_]*\.(json|safetensors)$")
-_TASK_ID = re.compile(r"^[A-Za-z0-9_\-]+$")
-_MAX_MANIFEST_BYTES = 16 * 2**20
+FILE_NAME = re.compile(r"[a-z][a-z0-9_]*\.(json|safetensors)")
+TASK_ID = re.compile(r"[A-Za-z0-9_\-]{1,128}")
+MAX_MANIFEST_BYTES = 4 * 2**20
+MAX_JSON_BYTES = 64 * 2**20
+MAX_JSON_DEPTH = 32
+MAX_HEADER_BYTES = 64 * 2**20
+MAX_TASK_IDS = 100_000
+MAX_HYPERPARAMETER_VALUES = 4096  # numbers, strings and containers in the model's constructor arguments
+_CHUNK = 8 * 2**20
 _MANIFEST_KEYS = {
     "format": str,
     "format_version": int,
@@ -45,6 +60,13 @@ _MANIFEST_KEYS = {
     "task_ids_seen": list,
     "files": dict,
 }
+_DTYPES: dict[str, torch.dtype] = {
+    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8, "U8": torch.uint8,
+    "U16": torch.uint16, "U32": torch.uint32, "U64": torch.uint64, "BOOL": torch.bool,
+    "F8_E4M3": torch.float8_e4m3fn, "F8_E5M2": torch.float8_e5m2,
+}  # fmt: skip
+_DTYPE_NAMES = {v: k for k, v in _DTYPES.items()}
 
 
 class StateError(RuntimeError):
@@ -55,11 +77,23 @@ class StateLockedError(StateError):
     """Another update is writing the same output state folder."""
 
 
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
+def printable(text: object) -> str:
+    """``text`` with control characters escaped (manifest strings may hold terminal escape codes)."""
+    return "".join(c if c.isprintable() or c == " " else repr(c)[1:-1] for c in str(text))
 
 
-def _json_bytes(obj: Any) -> bytes:
+def os_error_message(err: OSError) -> str:
+    """One line for an OS error on a state path: the path and the cause."""
+    where = err.filename if err.filename is not None else "a state path"
+    cause = err.strerror or type(err).__name__
+    if err.filename2 is not None:
+        return printable(f"{where} -> {err.filename2}: {cause}")
+    return printable(f"{where}: {cause}")
+
+
+# ------------------------------------------------------------------------------------------ JSON
+def json_bytes(obj: Any) -> bytes:
+    """The canonical bytes of a JSON state file: sorted keys, no NaN/Infinity, a final newline."""
     return (json.dumps(obj, indent=2, sort_keys=True, allow_nan=False) + "\n").encode()
 
 
@@ -76,123 +110,453 @@ def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
     return out
 
 
+def _depth(value: Any) -> int:
+    """Nesting depth of parsed JSON, iteratively (no recursion on hostile input)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        if isinstance(item, dict | list):
+            deepest = max(deepest, level)
+            if level > MAX_JSON_DEPTH:
+                return level
+            stack.extend((v, level + 1) for v in (item.values() if isinstance(item, dict) else item))
+    return deepest
+
+
+def _count_values(value: Any) -> int:
+    count, stack = 0, [value]
+    while stack and count <= MAX_HYPERPARAMETER_VALUES:
+        item = stack.pop()
+        count += 1
+        if isinstance(item, dict | list):
+            stack.extend(item.values() if isinstance(item, dict) else item)
+    return count
+
+
 def parse_json(data: bytes, where: str | Path) -> Any:
-    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, bounded nesting; StateError naming ``where``."""
+    """Strict JSON: UTF-8, no NaN/Infinity, no duplicate keys, nesting at most ``MAX_JSON_DEPTH``;
+    StateError naming ``where`` otherwise."""
     try:
-        return json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
+        value = json.loads(data.decode("utf-8"), parse_constant=_reject_constant, object_pairs_hook=_unique_keys)
     except (UnicodeDecodeError, ValueError, RecursionError) as err:
-        raise StateError(f"{where} is not valid JSON: {err}") from None
+        raise StateError(f"{where} is not valid JSON: {printable(err)}") from None
+    if _depth(value) > MAX_JSON_DEPTH:
+        raise StateError(f"{where}: JSON nested deeper than {MAX_JSON_DEPTH} levels")
+    return value
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
+# ------------------------------------------------------------------------------ safetensors files
+def _tensor_bytes(tensor: torch.Tensor) -> memoryview:
+    """The raw bytes of a contiguous CPU tensor, without a copy."""
+    flat = tensor.reshape(-1)
+    if flat.numel() == 0:
+        return memoryview(b"")
+    return memoryview(flat.view(torch.uint8).numpy()).cast("B")
+
+
+def _safetensors_header(tensors: dict[str, torch.Tensor]) -> tuple[bytes, list[str]]:
+    """The header of a safetensors file holding ``tensors`` and the order of their data: widest
+    dtype first, then by name, so that every tensor starts at a multiple of its element size."""
+    order = sorted(tensors, key=lambda n: (-tensors[n].element_size(), n))
+    header: dict[str, Any] = {}
+    offset = 0
+    for name in order:
+        t = tensors[name]
+        if t.dtype not in _DTYPE_NAMES:
+            raise ValueError(f"cannot store tensor {name!r} of dtype {t.dtype} in a state file")
+        size = t.numel() * t.element_size()
+        header[name] = {"dtype": _DTYPE_NAMES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+        offset += size
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-len(raw) % 8)
+    return len(raw).to_bytes(8, "little") + raw, order
+
+
+def fsync_path(path: Path) -> None:
+    """Flushes a file's or a folder's entry to disk."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
     try:
         os.fsync(fd)
     finally:
         os.close(fd)
 
 
-def _write_file(path: Path, data: bytes) -> None:
-    with open(path, "xb") as f:
-        f.write(data)
+def write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> dict[str, Any]:
+    """Writes a new file from ``chunks`` and fsyncs it; returns its sha256 and size. The write of one
+    piece overlaps the hash of the next (both release the GIL): a state is written near disk speed.
+    Every file of a state folder is written through this one function."""
+    digest, nbytes, pending = hashlib.sha256(), 0, None
+    with open(path, "xb") as f, ThreadPoolExecutor(1) as pool:
+        for data in chunks:
+            view = memoryview(data).cast("B")
+            for start in range(0, len(view), _CHUNK):
+                piece = view[start : start + _CHUNK]
+                if pending is not None:
+                    pending.result()
+                pending = pool.submit(f.write, piece)
+                digest.update(piece)
+                nbytes += len(piece)
+        if pending is not None:
+            pending.result()
         f.flush()
         os.fsync(f.fileno())
+    return {"sha256": digest.hexdigest(), "bytes": nbytes}
 
 
+def safetensors_chunks(tensors: dict[str, torch.Tensor]) -> Iterable[bytes | memoryview]:
+    """The pieces of a safetensors file holding ``tensors``, streamed from their memory (a contiguous
+    CPU copy is made only of a tensor that is not one already)."""
+    ready = {k: v.detach().to("cpu").contiguous() for k, v in tensors.items()}
+    header, order = _safetensors_header(ready)
+    return [header, *(_tensor_bytes(ready[name]) for name in order)]
+
+
+def _read_exactly(f: BinaryIO, n: int, where: Path) -> bytes:
+    data = f.read(n)
+    if len(data) != n:
+        raise StateError(f"{where}: the file is truncated")
+    return data
+
+
+_HeaderEntries = dict[str, tuple[torch.dtype, tuple[int, ...], int, int]]
+
+
+def read_safetensors_header(f: BinaryIO, size: int, where: Path) -> tuple[bytes, _HeaderEntries]:
+    """Parses and checks a safetensors header before anything is allocated: strict JSON, known
+    dtypes, shapes whose byte size matches the offsets, offsets that tile the data exactly."""
+    if size < 8:
+        raise StateError(f"{where} is not a valid safetensors file: shorter than its 8-byte header length")
+    prefix = _read_exactly(f, 8, where)
+    length = int.from_bytes(prefix, "little")
+    if length > min(MAX_HEADER_BYTES, size - 8):
+        raise StateError(f"{where} is not a valid safetensors file: header of {length} bytes in a file of {size}")
+    raw = _read_exactly(f, length, where)
+    header = parse_json(raw.rstrip(b" "), f"{where} (header)")
+    if not isinstance(header, dict):
+        raise StateError(f"{where} is not a valid safetensors file: the header must be a JSON object")
+    header.pop("__metadata__", None)
+    data_size = size - 8 - length
+    entries: _HeaderEntries = {}
+    for name, info in header.items():
+        if not isinstance(info, dict) or set(info) != {"dtype", "shape", "data_offsets"}:
+            raise StateError(f"{where}: header entry {printable(name)!r} must have dtype, shape and data_offsets")
+        dtype, shape, offsets = info["dtype"], info["shape"], info["data_offsets"]
+        if dtype not in _DTYPES:
+            raise StateError(f"{where}: tensor {printable(name)!r} has unknown dtype {printable(dtype)!r}")
+        ok_shape = (
+            isinstance(shape, list)
+            and len(shape) <= 16
+            and all(isinstance(d, int) and not isinstance(d, bool) and 0 <= d < 2**62 for d in shape)
+        )
+        ok_offsets = (
+            isinstance(offsets, list)
+            and len(offsets) == 2
+            and all(isinstance(o, int) and not isinstance(o, bool) and 0 <= o <= data_size for o in offsets)
+        )
+        if not ok_shape or not ok_offsets:
+            raise StateError(f"{where}: tensor {printable(name)!r} has an invalid shape or data_offsets")
+        begin, end = offsets
+        nbytes = math.prod(shape) * torch.empty((), dtype=_DTYPES[dtype]).element_size()
+        if end - begin != nbytes:
+            raise StateError(
+                f"{where}: tensor {printable(name)!r} of shape {shape} needs {nbytes} bytes, "
+                f"its offsets span {end - begin}"
+            )
+        entries[name] = (_DTYPES[dtype], tuple(shape), begin, end)
+    position = 0
+    for _, _, begin, end in sorted(entries.values(), key=lambda e: (e[2], e[3])):
+        if begin != position:
+            raise StateError(f"{where}: tensor data overlaps or leaves a gap at byte {position}")
+        position = end
+    if position != data_size:
+        raise StateError(f"{where}: tensor data ends at byte {position}, the file holds {data_size}")
+    return prefix + raw, entries
+
+
+def _open_regular(path: Path) -> tuple[BinaryIO, int]:
+    """Opens a regular file for reading without following a symlink; (file, size)."""
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise StateError(f"{path}: must be a regular file, not a symbolic link") from None
+        raise
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
+        os.close(fd)
+        raise StateError(f"{path}: must be a regular file")
+    return os.fdopen(fd, "rb"), info.st_size
+
+
+def _check_digest(path: Path, entry: dict[str, Any], digest: str, nbytes: int) -> None:
+    if nbytes != entry["bytes"] or digest != entry["sha256"]:
+        raise StateError(
+            f"{path}: checksum mismatch (expected sha256 {entry['sha256']} and {entry['bytes']} bytes, "
+            f"found {digest} and {nbytes} bytes); the file is corrupt or was edited"
+        )
+
+
+def read_safetensors(path: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """Reads a verified safetensors file straight into its tensors, hashing the bytes as they come;
+    refuses it (StateError) if they no longer match ``entry`` (sha256 and size)."""
+    f, size = _open_regular(path)
+    with f:
+        if size != entry["bytes"]:
+            raise StateError(f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size})")
+        head, entries = read_safetensors_header(f, size, path)
+        h = hashlib.sha256(head)
+        tensors = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape, _, _) in entries.items()}
+        for name in sorted(entries, key=lambda n: entries[n][2]):
+            view = _tensor_bytes(tensors[name])
+            for start in range(0, len(view), _CHUNK):
+                chunk = view[start : start + _CHUNK]
+                if f.readinto(chunk) != len(chunk):
+                    raise StateError(f"{path}: the file is truncated")
+                h.update(chunk)
+        _check_digest(path, entry, h.hexdigest(), size)
+    return tensors
+
+
+# ------------------------------------------------------------------------------------------ paths
+def same_or_inside(path: Path, other: Path) -> bool:
+    """``path`` is ``other`` or lies inside it (both resolved)."""
+    return path == other or other in path.parents
+
+
+def resolved(path: str | Path) -> Path:
+    """The absolute path with symlinks of its parents resolved (the last name kept as given)."""
+    p = Path(path).absolute()
+    return p.parent.resolve() / p.name if p.name not in ("", ".", "..") else p.resolve()
+
+
+def not_a_state_folder(path: Path) -> str | None:
+    """Why ``path`` (an existing entry) may not be replaced by a state folder, or ``None`` when it is
+    a retain state folder: a real folder with a valid manifest and only the files it lists."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    if stat.S_ISLNK(info.st_mode):
+        return "it is a symbolic link"
+    if not stat.S_ISDIR(info.st_mode):
+        return "it is a file, not a state folder"
+    try:
+        manifest = _read_manifest(path)
+    except StateError as err:
+        return f"it is not a retain state folder ({err})"
+    extra = sorted(set(os.listdir(path)) - set(manifest["files"]) - {MANIFEST})
+    if extra:
+        return f"it holds files that are not part of its state: {printable(extra[:5])}"
+    return None
+
+
+def check_output_path(output: str | Path, input_folder: str | Path | None = None) -> Path:
+    """The resolved output path if retain may write it; StateError (one line) otherwise.
+
+    Writable: a path that does not exist (its parent folders are created), or an existing retain
+    state folder, replaced atomically. Refused: anything else; an output equal to, inside, or
+    containing ``input_folder``; a parent that is a file."""
+    out = resolved(output)
+    if out.name in ("", ".", ".."):
+        raise StateError(f"output state folder {printable(output)} is not a folder name retain may write")
+    for parent in [out.parent, *out.parent.parents]:
+        if parent.exists() and not parent.is_dir():
+            raise StateError(f"output state folder {printable(out)}: {printable(parent)} is a file, not a folder")
+    if input_folder is not None:
+        inp = resolved(input_folder)
+        if inp.exists():
+            inp = inp.resolve()
+        if same_or_inside(out, inp) or same_or_inside(inp, out):
+            relation = "is" if out == inp else ("is inside" if same_or_inside(out, inp) else "contains")
+            raise StateError(
+                f"output state folder {printable(out)} {relation} the input state folder {printable(inp)}: "
+                "write each update to a new folder (the input is never modified)"
+            )
+    reason = not_a_state_folder(out)
+    if reason is not None:
+        raise StateError(f"refusing to write the output state folder {printable(out)}: {reason}")
+    return out
+
+
+def _exact_leftovers(folder: Path) -> Iterable[tuple[str, Path]]:
+    """Hidden siblings that retain's writers of ``folder`` leave: ('tmp'|'old', path), matched by
+    exact name (never a glob of the user's name)."""
+    pattern = re.compile(re.escape(f".{folder.name}.") + r"(tmp|old)-[0-9]+-[0-9a-f]{8}")
+    try:
+        names = os.listdir(folder.parent)
+    except FileNotFoundError:
+        return []
+    return [(m.group(1), folder.parent / n) for n in names if (m := pattern.fullmatch(n))]
+
+
+def _remove_tree(path: Path) -> None:
+    """Deletes one of retain's own temporary folders (never through a symlink)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return
+    if stat.S_ISDIR(info.st_mode):
+        shutil.rmtree(path, ignore_errors=True)
+    elif stat.S_ISREG(info.st_mode) or stat.S_ISLNK(info.st_mode):
+        os.unlink(path)
+
+
+def remove_stale_temporaries(folder: str | Path) -> None:
+    """Cleans up after killed writers of ``folder`` (call under its lock): a verified previous state
+    left between the two renames of a replacement is put back; other leftovers are deleted."""
+    folder = resolved(folder)
+    for kind, stale in _exact_leftovers(folder):
+        if kind == "old" and not os.path.lexists(folder) and not_a_state_folder(stale) is None:
+            try:
+                StateFolder(stale)  # every checksum: only a complete state goes back into place
+            except StateError:
+                _remove_tree(stale)
+                continue
+            os.rename(stale, folder)
+            continue
+        _remove_tree(stale)
+
+
+class OutputLock:
+    """An exclusive lock on writing one output folder: the file ``.NAME.lock`` beside it, opened
+    without following symlinks, held with ``flock`` and removed on release. A second writer fails
+    at once with ``StateLockedError``. Re-entrant within one holder."""
+
+    def __init__(self, folder: str | Path) -> None:
+        self.folder = resolved(folder)
+        self.path = self.folder.parent / f".{self.folder.name}.lock"
+        self.fd: int | None = None
+        self.depth = 0
+
+    @property
+    def held(self) -> bool:
+        return self.fd is not None
+
+    def acquire(self) -> OutputLock:
+        if self.fd is not None:
+            self.depth += 1
+            return self
+        self.folder.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o644)
+            except OSError as err:
+                if err.errno == errno.ELOOP:
+                    raise StateError(f"{self.path}: the lock file is a symbolic link; refusing to follow it") from None
+                raise
+            if not stat.S_ISREG(os.fstat(fd).st_mode):
+                os.close(fd)
+                raise StateError(f"{self.path}: the lock file is not a regular file")
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError as err:
+                os.close(fd)
+                if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
+                    raise StateLockedError(
+                        f"another update is writing the state folder {printable(self.folder)} "
+                        f"(lock {printable(self.path)} is held)"
+                    ) from None
+                raise
+            try:  # the holder before us may have removed the file after we opened it: lock the live one
+                same = os.stat(self.path, follow_symlinks=False).st_ino == os.fstat(fd).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            os.close(fd)
+        self.fd, self.depth = fd, 1
+        remove_stale_temporaries(self.folder)
+        return self
+
+    def release(self) -> None:
+        if self.fd is None:
+            return
+        self.depth -= 1
+        if self.depth > 0:
+            return
+        fd, self.fd = self.fd, None
+        try:
+            os.unlink(self.path)  # still holding it: a waiting opener notices the inode change
+        except FileNotFoundError:
+            pass
+        finally:
+            os.close(fd)
+
+    def __enter__(self) -> OutputLock:
+        return self.acquire()
+
+    def __exit__(self, *exc: object) -> None:
+        self.release()
+
+    def __del__(self) -> None:
+        if self.fd is not None:
+            self.depth = 1
+            self.release()
+
+
+def lock_output_folder(folder: str | Path) -> OutputLock:
+    """``with lock_output_folder(path):`` holds the output lock of ``path``."""
+    return OutputLock(folder)
+
+
+# ------------------------------------------------------------------------------------------ write
 def write_state(
     folder: str | Path,
     manifest: dict[str, Any],
     json_files: dict[str, Any],
     tensor_files: dict[str, dict[str, torch.Tensor]],
 ) -> Path:
-    """Writes a complete state folder atomically (replacing an existing one only when complete).
-
-    ``manifest`` gets ``format``, ``format_version`` and ``files`` filled in here.
-    """
-    folder = Path(folder).absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    payloads: dict[str, bytes] = {}
-    for name, obj in json_files.items():
-        payloads[name] = _json_bytes(obj)
-    for name, tensors in tensor_files.items():
-        payloads[name] = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    for name in payloads:
-        if not _FILE_NAME.match(name) or name == MANIFEST:
+    """Writes a complete state folder atomically: into a hidden temporary sibling, every file and
+    the folder fsynced, then renamed into place. An existing ``folder`` is replaced only if it is a
+    retain state folder (checked again here, under the caller's lock). ``manifest`` gets
+    ``format``, ``format_version`` and ``files`` filled in here."""
+    folder = resolved(folder)
+    for name in [*json_files, *tensor_files]:
+        if not FILE_NAME.fullmatch(name) or name == MANIFEST:
             raise ValueError(f"invalid state file name {name!r}")
-    manifest = dict(manifest)
-    manifest["format"] = FORMAT_NAME
-    manifest["format_version"] = FORMAT_VERSION
-    manifest["files"] = {n: {"sha256": _sha256(b), "bytes": len(b)} for n, b in sorted(payloads.items())}
-    _validate_manifest(manifest, folder)
-
+    reason = not_a_state_folder(folder)
+    if reason is not None:
+        raise StateError(f"refusing to replace {printable(folder)}: {reason}")
+    folder.parent.mkdir(parents=True, exist_ok=True)
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
-    tmp.mkdir()
+    os.mkdir(tmp)
     old: Path | None = None
     try:
-        for name, data in payloads.items():
-            _write_file(tmp / name, data)
-        _write_file(tmp / MANIFEST, _json_bytes(manifest))
-        _fsync_dir(tmp)
-        if folder.exists():
+        files: dict[str, dict[str, Any]] = {}
+        for name, obj in json_files.items():
+            files[name] = write_file(tmp / name, [json_bytes(obj)])
+        for name, tensors in tensor_files.items():
+            files[name] = write_file(tmp / name, safetensors_chunks(tensors))
+        manifest = dict(manifest, format=FORMAT_NAME, format_version=FORMAT_VERSION, files=dict(sorted(files.items())))
+        validate_manifest(manifest, folder)
+        write_file(tmp / MANIFEST, [json_bytes(manifest)])
+        fsync_path(tmp)
+        if os.path.lexists(folder):
             old = folder.parent / f".{folder.name}.old-{os.getpid()}-{secrets.token_hex(4)}"
             os.rename(folder, old)
         os.rename(tmp, folder)
-        _fsync_dir(folder.parent)
+        fsync_path(folder.parent)
         if old is not None:
             shutil.rmtree(old, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
-        if old is not None and not folder.exists():
+        if old is not None and not os.path.lexists(folder):
             os.rename(old, folder)  # the new folder did not take its place: put the previous state back
         raise
     return folder
 
 
-def remove_stale_temporaries(folder: str | Path) -> None:
-    """Deletes temporary folders left by killed writers of ``folder`` (call under its lock)."""
-    folder = Path(folder).absolute()
-    if not folder.parent.exists():
-        return
-    for pattern in (f".{folder.name}.tmp-*", f".{folder.name}.old-*"):
-        for stale in folder.parent.glob(pattern):
-            if pattern.endswith("old-*") and not folder.exists():
-                # A kill between the two renames: the old folder is the last complete state.
-                os.rename(stale, folder)
-                continue
-            shutil.rmtree(stale, ignore_errors=True)
-
-
-@contextlib.contextmanager
-def lock_output_folder(folder: str | Path) -> Iterator[None]:
-    """Holds an exclusive lock for writing ``folder``; a second writer fails at once."""
-    folder = Path(folder).absolute()
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    lock_path = folder.parent / f".{folder.name}.lock"
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except OSError as err:
-            if err.errno in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES):
-                raise StateLockedError(
-                    f"another update is writing the state folder {folder} (lock {lock_path} is held)"
-                ) from None
-            raise
-        remove_stale_temporaries(folder)
-        yield
-    finally:
-        os.close(fd)
-
-
-def _validate_manifest(manifest: Any, folder: Path) -> None:
+# ------------------------------------------------------------------------------------------ read
+def validate_manifest(manifest: Any, folder: Path) -> None:
+    """The manifest's schema: format and version, exact keys and types, plain file names, task ids."""
     where = folder / MANIFEST
     if not isinstance(manifest, dict):
         raise StateError(f"{where}: the manifest must be a JSON object")
     if manifest.get("format") != FORMAT_NAME:
-        raise StateError(f"{where}: not a retain state folder (format is {manifest.get('format')!r})")
+        raise StateError(f"{where}: not a retain state folder (format is {printable(manifest.get('format'))!r})")
     version = manifest.get("format_version")
     if not isinstance(version, int) or isinstance(version, bool):
-        raise StateError(f"{where}: format_version must be an integer, got {version!r}")
+        raise StateError(f"{where}: format_version must be an integer, got {printable(version)!r}")
     if version < 1:
         raise StateError(f"{where}: format_version must be >= 1, got {version}")
     if version > FORMAT_VERSION:
@@ -203,92 +567,128 @@ def _validate_manifest(manifest: Any, folder: Path) -> None:
     unknown = set(manifest) - set(_MANIFEST_KEYS)
     missing = set(_MANIFEST_KEYS) - set(manifest)
     if unknown or missing:
-        raise StateError(f"{where}: unexpected keys {sorted(unknown)}, missing keys {sorted(missing)}")
+        raise StateError(f"{where}: unexpected keys {printable(sorted(unknown))}, missing keys {sorted(missing)}")
     for key, kind in _MANIFEST_KEYS.items():
         value = manifest[key]
         if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
             raise StateError(f"{where}: {key!r} must be of type {kind.__name__}, got {type(value).__name__}")
     for name, entry in manifest["files"].items():
-        if not _FILE_NAME.match(name) or name == MANIFEST:
-            raise StateError(f"{where}: file name {name!r} is not a plain state file name inside the folder")
+        if not FILE_NAME.fullmatch(name) or name == MANIFEST:
+            raise StateError(f"{where}: file name {printable(name)!r} is not a plain state file name inside the folder")
         if (
             not isinstance(entry, dict)
             or set(entry) != {"sha256", "bytes"}
             or not isinstance(entry["sha256"], str)
+            or not re.fullmatch(r"[0-9a-f]{64}", entry["sha256"])
             or not isinstance(entry["bytes"], int)
+            or isinstance(entry["bytes"], bool)
+            or entry["bytes"] < 0
         ):
-            raise StateError(f"{where}: entry for {name!r} must be {{'sha256': str, 'bytes': int}}")
+            raise StateError(f"{where}: entry for {name!r} must be {{'sha256': hex digest, 'bytes': int >= 0}}")
     model = manifest["model"]
     if set(model) != {"class", "hyperparameters", "task_ids"}:
         raise StateError(f"{where}: 'model' must have keys class, hyperparameters, task_ids")
     if not isinstance(model["class"], str) or not isinstance(model["hyperparameters"], dict):
         raise StateError(f"{where}: model class must be a string and hyperparameters an object")
+    if _count_values(model["hyperparameters"]) > MAX_HYPERPARAMETER_VALUES:
+        raise StateError(
+            f"{where}: model hyperparameters hold more than {MAX_HYPERPARAMETER_VALUES} values; "
+            "no model of retain's registry is described that way"
+        )
     for key, ids in (("model.task_ids", model["task_ids"]), ("task_ids_seen", manifest["task_ids_seen"])):
-        if not isinstance(ids, list) or not all(isinstance(t, str) and _TASK_ID.match(t) for t in ids):
-            raise StateError(f"{where}: {key} must be a list of task ids (letters, digits, '_', '-'), got {ids!r}")
-    if manifest["updates_done"] < 0:
-        raise StateError(f"{where}: updates_done must be >= 0, got {manifest['updates_done']}")
+        if not isinstance(ids, list) or len(ids) > MAX_TASK_IDS:
+            raise StateError(f"{where}: {key} must be a list of at most {MAX_TASK_IDS} task ids")
+        bad = next((t for t in ids if not (isinstance(t, str) and TASK_ID.fullmatch(t))), None)
+        if bad is not None or len(set(ids)) != len(ids):
+            what = f"{printable(bad)!r}" if bad is not None else "a repeated id"
+            raise StateError(
+                f"{where}: {key} must list distinct task ids (1-128 letters, digits, '_', '-'), got {what}"
+            )
+    if manifest["updates_done"] < 0 or manifest["updates_done"] >= 2**63:
+        raise StateError(f"{where}: updates_done must be in [0, 2**63), got {manifest['updates_done']}")
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST
+    try:
+        f, size = _open_regular(path)
+    except FileNotFoundError:
+        raise StateError(f"{path} is missing: not a complete retain state folder") from None
+    with f:
+        if size > MAX_MANIFEST_BYTES:
+            raise StateError(f"{path}: larger than {MAX_MANIFEST_BYTES} bytes, not a manifest")
+        manifest = parse_json(f.read(MAX_MANIFEST_BYTES + 1), path)
+    validate_manifest(manifest, folder)
+    return manifest
 
 
 class StateFolder:
-    """A verified state folder: every file's bytes are read once and checked against the manifest."""
+    """A verified state folder. On opening, the manifest is checked and every listed file is
+    checksummed by streaming (nothing is kept but the small JSON files); ``tensors(name)`` then reads
+    a file straight into its tensors, verifying its checksum again as it reads."""
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
-        if not self.path.is_dir():
-            raise StateError(f"state folder {self.path} does not exist or is not a folder")
-        manifest_path = self.path / MANIFEST
-        if not manifest_path.exists() and not manifest_path.is_symlink():
-            raise StateError(f"{manifest_path} is missing: not a complete retain state folder")
-        if manifest_path.is_symlink() or not manifest_path.is_file():
-            raise StateError(f"{manifest_path}: must be a regular file")
-        if manifest_path.stat().st_size > _MAX_MANIFEST_BYTES:
-            raise StateError(f"{manifest_path}: larger than {_MAX_MANIFEST_BYTES} bytes, not a manifest")
-        manifest = parse_json(manifest_path.read_bytes(), manifest_path)
-        _validate_manifest(manifest, self.path)
-        self.manifest: dict[str, Any] = manifest
-        present = {p.name for p in self.path.iterdir()}
-        listed = set(manifest["files"])
-        missing = listed - present
-        unexpected = present - listed - {MANIFEST}
+        try:
+            info = os.lstat(self.path)
+        except FileNotFoundError:
+            raise StateError(f"state folder {printable(self.path)} does not exist") from None
+        if not stat.S_ISDIR(info.st_mode):
+            raise StateError(f"state folder {printable(self.path)} is not a folder")
+        self.manifest: dict[str, Any] = _read_manifest(self.path)
+        present = set(os.listdir(self.path))
+        listed = set(self.manifest["files"])
+        missing, unexpected = listed - present, present - listed - {MANIFEST}
         if missing:
             raise StateError(f"{self.path}: files listed in the manifest are missing: {sorted(missing)}")
         if unexpected:
-            raise StateError(f"{self.path}: unexpected files not listed in the manifest: {sorted(unexpected)}")
-        self._payloads: dict[str, bytes] = {}
-        for name, entry in manifest["files"].items():
+            raise StateError(
+                f"{self.path}: unexpected files not listed in the manifest: {printable(sorted(unexpected)[:10])}"
+            )
+        self._json: dict[str, bytes] = {}
+        for name, entry in self.manifest["files"].items():
             path = self.path / name
-            if path.is_symlink() or not path.is_file():
-                raise StateError(f"{path}: must be a regular file")
-            size = path.stat().st_size
-            if size != entry["bytes"]:
-                raise StateError(
-                    f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
-                    "the file is truncated, corrupt or was edited"
-                )
-            data = path.read_bytes()
-            if len(data) != entry["bytes"] or _sha256(data) != entry["sha256"]:
-                raise StateError(
-                    f"{path}: checksum mismatch (expected sha256 {entry['sha256']} and {entry['bytes']} bytes, "
-                    f"found {_sha256(data)} and {len(data)} bytes); the file is corrupt or was edited"
-                )
-            self._payloads[name] = data
-
-    def has(self, name: str) -> bool:
-        return name in self._payloads
+            f, size = _open_regular(path)
+            with f:
+                if size != entry["bytes"]:
+                    raise StateError(
+                        f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+                        "the file is truncated, corrupt or was edited"
+                    )
+                if name.endswith(".json") and size > MAX_JSON_BYTES:
+                    raise StateError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not a state JSON file")
+                h, kept = hashlib.sha256(), []
+                while chunk := f.read(_CHUNK):
+                    h.update(chunk)
+                    if name.endswith(".json"):
+                        kept.append(chunk)
+                _check_digest(path, entry, h.hexdigest(), size)
+            if name.endswith(".json"):
+                self._json[name] = b"".join(kept)
 
     def json(self, name: str) -> Any:
-        if name not in self._payloads:
+        if name not in self._json:
             raise StateError(f"{self.path}: {name} is missing")
-        return parse_json(self._payloads[name], self.path / name)
+        return parse_json(self._json[name], self.path / name)
+
+    def tensor_header(self, name: str) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+        """Names, dtypes and shapes of a tensor file's tensors, from its header only (nothing allocated)."""
+        entry = self._entry(name)
+        f, size = _open_regular(self.path / name)
+        with f:
+            if size != entry["bytes"]:
+                raise StateError(f"{self.path / name}: size mismatch")
+            _, entries = read_safetensors_header(f, size, self.path / name)
+        return {k: (dtype, shape) for k, (dtype, shape, _, _) in entries.items()}
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
-        try:
-            return load_safetensors_bytes(self._payloads[name])
-        except KeyError:
-            raise StateError(f"{self.path}: {name} is missing") from None
-        except Exception as err:  # safetensors raises its own error types on malformed headers
-            raise StateError(f"{self.path / name} is not a valid safetensors file: {err}") from None
+        return read_safetensors(self.path / name, self._entry(name))
+
+    def _entry(self, name: str) -> dict[str, Any]:
+        entry = self.manifest["files"].get(name)
+        if entry is None or not name.endswith(".safetensors"):
+            raise StateError(f"{self.path}: {name} is missing")
+        return entry
 
 
 # ------------------------------------------------------------------------------------------------
@@ -341,10 +741,10 @@ def check_memory_json(meta: Any, memory_size: int, where: str | Path) -> None:
     check_json_like(meta, {"memory_size": 0, "seen": 0, "metadata_names": []}, where)
     if meta["memory_size"] != memory_size:
         raise StateError(f"{where}: the state holds a memory of size {meta['memory_size']}, this one has {memory_size}")
-    if meta["seen"] < 0:
-        raise StateError(f"{where}: seen must be >= 0, got {meta['seen']}")
+    if not 0 <= meta["seen"] < 2**63:
+        raise StateError(f"{where}: seen must be in [0, 2**63), got {meta['seen']}")
     names = meta["metadata_names"]
-    if names != sorted(set(names)) or not all(re.match(r"^[A-Za-z0-9_]+$", n) for n in names):
+    if names != sorted(set(names)) or not all(re.fullmatch(r"[A-Za-z0-9_]{1,64}", n) for n in names):
         raise StateError(f"{where}: metadata_names must be sorted unique identifiers, got {names!r}")
 
 
@@ -356,32 +756,52 @@ def check_memory_tensors(tensors: dict[str, torch.Tensor], num_classes: int, whe
         raise StateError(f"{where}: generator_state must be a 1-D uint8 tensor")
     targets = tensors.get("targets")
     if targets is not None:
-        if targets.dim() != 1 or targets.dtype.is_floating_point or targets.dtype == torch.bool:
-            raise StateError(
-                f"{where}: targets must be a 1-D integer tensor, got {targets.dtype} {tuple(targets.shape)}"
-            )
+        if targets.dim() != 1 or targets.dtype != torch.int64:
+            raise StateError(f"{where}: targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
         if targets.numel() and num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
             raise StateError(f"{where}: targets must lie in [0, {num_classes - 1}]")
     for name, value in tensors.items():
+        if name.startswith("metadata.") and not value.dtype.is_floating_point:
+            raise StateError(f"{where}: metadata column {name!r} must be floating point, got {value.dtype}")
         if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
             raise StateError(f"{where}: {name} contains NaN or Inf")
 
 
-def check_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
-    """model.safetensors: the model's tensor names, shapes and dtypes exactly, all finite."""
-    expected = model.state_dict()
-    unknown, missing = sorted(set(weights) - set(expected)), sorted(set(expected) - set(weights))
+def check_tensor_specs(
+    found: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    expected: dict[str, tuple[torch.dtype, tuple[int, ...]]],
+    where: str | Path,
+    needs: str = "expected",
+) -> None:
+    """``found`` has exactly the tensor names, dtypes and shapes of ``expected`` (from a header or
+    from tensors): a file that does not fit is refused before anything is loaded into a model."""
+    unknown, missing = sorted(set(found) - set(expected)), sorted(set(expected) - set(found))
     if unknown or missing:
-        raise StateError(f"{where} does not fit the model: unexpected tensors {unknown}, missing tensors {missing}")
-    for name, value in weights.items():
-        ref = expected[name]
-        if value.dtype != ref.dtype or value.shape != ref.shape:
+        raise StateError(
+            f"{where} does not fit: unexpected tensors {printable(unknown[:10])}, missing tensors {missing[:10]}"
+        )
+    for name, (dtype, shape) in found.items():
+        ref_dtype, ref_shape = expected[name]
+        if dtype != ref_dtype or tuple(shape) != tuple(ref_shape):
             raise StateError(
-                f"{where}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, the model needs "
-                f"{ref.dtype} {tuple(ref.shape)}"
+                f"{where}: tensor {name!r} is {dtype} {tuple(shape)}, {needs} {ref_dtype} {tuple(ref_shape)}"
             )
+
+
+def tensor_specs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    return {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
+
+
+def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
+    for name, value in tensors.items():
         if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
             raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")
+
+
+def check_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
+    """model.safetensors: the model's tensor names, shapes and dtypes exactly, all finite."""
+    check_tensor_specs(tensor_specs(weights), tensor_specs(model.state_dict()), where, "the model needs")
+    check_finite(weights, where)
 
 
 def check_tensors_roundtrip(
@@ -389,17 +809,5 @@ def check_tensors_roundtrip(
 ) -> None:
     """After loading, saving again gives the same tensor names, dtypes and shapes (nothing in the
     file was ignored or silently converted), and no floating-point tensor holds NaN or Inf."""
-    if set(loaded) != set(resaved):
-        raise StateError(
-            f"{where}: unexpected tensors {sorted(set(loaded) - set(resaved))}, "
-            f"missing tensors {sorted(set(resaved) - set(loaded))}"
-        )
-    for name, value in loaded.items():
-        ref = resaved[name]
-        if value.dtype != ref.dtype or value.shape != ref.shape:
-            raise StateError(
-                f"{where}: tensor {name!r} is {value.dtype} {tuple(value.shape)}, "
-                f"expected {ref.dtype} {tuple(ref.shape)}"
-            )
-        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
-            raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")
+    check_tensor_specs(tensor_specs(loaded), tensor_specs(resaved), where)
+    check_finite(loaded, where)

@@ -129,7 +129,7 @@ def _install_hooks() -> None:
 
     if _HOOKS.get("installed"):
         return
-    real_write, real_rename, real_fit = retain.state._write_file, os.rename, retain.updaters.base.fit
+    real_write, real_rename, real_fit = retain.state.write_file, os.rename, retain.updaters.base.fit
 
     def emit(event: str, **fields: Any) -> None:
         _HOOKS["emit"](event, **fields)
@@ -137,12 +137,13 @@ def _install_hooks() -> None:
     def delay(kind: str) -> float:
         return float(_HOOKS["job"]["slow_write" if kind == "state" else "slow_checkpoint_write"])
 
-    def write_file(path: Path, data: bytes) -> None:
+    def write_file(path: Path, chunks: Any) -> Any:
         kind = "checkpoint" if ".resume" in path.parent.name else "state"
         emit("write", kind=kind, file=path.name)
         time.sleep(delay(kind))
-        real_write(path, data)
+        entry = real_write(path, chunks)
         time.sleep(delay(kind))
+        return entry
 
     def rename(src: Any, dst: Any) -> None:
         kind = "checkpoint" if ".resume" in Path(src).name + Path(dst).name else "state"
@@ -162,7 +163,7 @@ def _install_hooks() -> None:
         kwargs["on_epoch_end"] = on_epoch_end
         return real_fit(learner, **kwargs)
 
-    retain.state._write_file = write_file
+    retain.state.write_file = write_file
     os.rename = rename
     retain.updaters.base.fit = fit
     _HOOKS["installed"] = True

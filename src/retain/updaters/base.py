@@ -25,14 +25,18 @@ from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
 from retain.state import (
     MANIFEST,
+    OutputLock,
     StateError,
     StateFolder,
+    check_finite,
     check_json_like,
     check_memory_json,
     check_memory_tensors,
-    check_model_weights,
+    check_output_path,
+    check_tensor_specs,
     check_tensors_roundtrip,
-    lock_output_folder,
+    printable,
+    tensor_specs,
     write_state,
 )
 from retain.updaters.loop import FitResult, fit
@@ -90,7 +94,9 @@ class ModelUpdater:
             raise TypeError(f"model must be a retain ContinualModel (RenateModule), got {type(model).__name__}")
         self.options = TrainingOptions.from_kwargs(type(self).__name__, **options)
         self.input_state_folder = Path(input_state_folder) if input_state_folder is not None else None
-        self.output_state_folder = Path(output_state_folder) if output_state_folder is not None else None
+        self.output_state_folder = (
+            check_output_path(output_state_folder, input_state_folder) if output_state_folder is not None else None
+        )
         if self.options.checkpoint_every_n_epochs:
             if not self.supports_resume:
                 raise ValueError(f"{type(self).__name__} does not support checkpoint_every_n_epochs (set it to 0)")
@@ -102,18 +108,32 @@ class ModelUpdater:
         self.resumed_from_epoch = 0
         self.learner_kwargs = dict(learner_kwargs or {})
         self.device = resolve_device(self.options.accelerator, self.options.devices)
-        self.model = model.to(self.device)
-        self._state: StateFolder | None = None
-        if self.input_state_folder is not None:
-            self._state = StateFolder(self.input_state_folder)
-            self._check_state_matches(self._state)
-            self._load_model_weights(self._state)
-        self.learner = learner_class(
-            model=self.model, loss_fn=loss_fn, optimizer=optimizer, options=self.options, **self.learner_kwargs
-        )
-        if self._state is not None:
-            self._load_learner_state(self._state)
+        # The lock is taken before the input is read: two writers of one folder cannot both
+        # proceed from the same input. Ranks of a multi-process update other than the first
+        # leave it to the process that writes.
+        self.output_lock: OutputLock | None = None
+        if self.output_state_folder is not None and not secondary_rank():
+            self.output_lock = OutputLock(self.output_state_folder).acquire()
+        try:
+            self.model = model.to(self.device)
+            state = StateFolder(self.input_state_folder) if self.input_state_folder is not None else None
+            if state is not None:
+                self._check_state_matches(state)
+                self._load_model_weights(state)
+            self.learner = learner_class(
+                model=self.model, loss_fn=loss_fn, optimizer=optimizer, options=self.options, **self.learner_kwargs
+            )
+            if state is not None:
+                self._load_learner_state(state)
+        except BaseException:
+            self.release_output_lock()
+            raise
         self.last_fit: FitResult | None = None
+
+    def release_output_lock(self) -> None:
+        """Releases (and removes) the output folder's lock; ``update`` takes it again if called again."""
+        while self.output_lock is not None and self.output_lock.held:
+            self.output_lock.release()
 
     # ------------------------------------------------------------------ state in
     @property
@@ -124,21 +144,29 @@ class ModelUpdater:
         m = state.manifest
         if m["method"] != self.method_name:
             raise StateError(
-                f"{state.path / MANIFEST}: the state was written by {m['method']}, not {self.method_name}: "
-                "continue it with the same method"
+                f"{state.path / MANIFEST}: the state was written by {printable(m['method'])}, not "
+                f"{self.method_name}: continue it with the same method"
             )
         saved, mine = m["model"], self.model.describe()
         if saved["class"] != mine["class"] or saved["hyperparameters"] != mine["hyperparameters"]:
             raise StateError(
-                f"{state.path / MANIFEST}: the state holds a {saved['class']} with hyperparameters "
-                f"{saved['hyperparameters']}, but the model given is a {mine['class']} with {mine['hyperparameters']}"
+                f"{state.path / MANIFEST}: the state holds a {printable(saved['class'])} with hyperparameters "
+                f"{printable(saved['hyperparameters'])[:200]}, but the model given is a {mine['class']} with "
+                f"{printable(mine['hyperparameters'])[:200]}"
             )
 
     def _load_model_weights(self, state: StateFolder) -> None:
-        for task_id in state.manifest["model"]["task_ids"]:
+        """Checks the weights file's header against the model (its task heads added) before reading it."""
+        where = state.path / "model.safetensors"
+        header = state.tensor_header("model.safetensors")
+        task_ids = state.manifest["model"]["task_ids"]
+        if len(task_ids) > len(header):
+            raise StateError(f"{where} holds {len(header)} tensors, too few for the {len(task_ids)} task heads listed")
+        for task_id in task_ids:
             self.model.add_task_params(task_id)
+        check_tensor_specs(header, tensor_specs(self.model.state_dict()), where, "the model needs")
         weights = state.tensors("model.safetensors")
-        check_model_weights(self.model, weights, state.path / "model.safetensors")
+        check_finite(weights, where)
         try:
             self.model.load_state_dict(weights, strict=True)
         except RuntimeError as err:
@@ -203,12 +231,28 @@ class ModelUpdater:
         """
         from retain.updaters import distributed  # imported here: it builds on this module
 
-        if distributed.wants_ddp(self.options):
-            return distributed.distributed_update(
-                self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
+        if self.output_lock is not None:
+            self.output_lock.acquire()  # again, when this updater's lock was released by an earlier update
+        try:
+            if distributed.wants_ddp(self.options):
+                return distributed.distributed_update(
+                    self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
+                )
+            return self._update_in_process(
+                train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
             )
-        lock = lock_output_folder(self.output_state_folder) if self.output_state_folder else contextlib.nullcontext()
-        with lock, _deterministic(self.options.deterministic_trainer):
+        finally:
+            self.release_output_lock()
+
+    def _update_in_process(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None,
+        train_dataset_collate_fn: Callable | None,
+        val_dataset_collate_fn: Callable | None,
+        task_id: str | None,
+    ) -> ContinualModel:
+        with _deterministic(self.options.deterministic_trainer):
             seed_update(self.learner.seed, self.learner.updates_done)
             checkpointing = bool(self.options.checkpoint_every_n_epochs)
             state_sha = state_digest(self) if checkpointing else ""
@@ -264,9 +308,9 @@ class ModelUpdater:
             "task_ids_seen": list(self.learner.task_ids_seen),
         }
         json_files: dict[str, Any] = {"learner.json": checkpoint["json"]}
-        tensor_files = {
-            "model.safetensors": {k: v.clone() for k, v in served.state_dict().items()},
-            "learner.safetensors": {k: v.clone() for k, v in checkpoint["tensors"].items()},
+        tensor_files = {  # copies: the payload may outlive the next optimizer step (checkpoints, DDP)
+            "model.safetensors": {k: v.detach().clone() for k, v in served.state_dict().items()},
+            "learner.safetensors": {k: v.detach().clone() for k, v in checkpoint["tensors"].items()},
         }
         memory = self.learner.memory_for_state()
         if memory is not None:
@@ -306,21 +350,40 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
+def secondary_rank() -> bool:
+    """True in a process of a multi-process update that does not write the state (rank > 0 of a
+    torchrun job, or any worker spawned by ``devices=N``, whose parent holds the output lock)."""
+    return os.environ.get("RETAIN_SPAWNED_RANK") == "1" or os.environ.get("RANK", "0") not in ("", "0")
+
+
 def load_model(state_folder: str | Path) -> ContinualModel:
-    """The model to predict with from a state folder, rebuilt from its registry entry (no pickle)."""
+    """The model to predict with from a state folder, rebuilt from its registry entry (no pickle).
+
+    The recorded model is first built on the ``meta`` device (no memory) and its tensor names,
+    dtypes and shapes compared with the weights file's header; only a model that fits is built."""
     from retain.models.base import rebuild_model
 
     state = StateFolder(state_folder)
+    where = state.path / "model.safetensors"
+    header = state.tensor_header("model.safetensors")
+    description = state.manifest["model"]
+    if len(description["task_ids"]) > len(header):
+        heads = len(description["task_ids"])
+        raise StateError(f"{where} holds {len(header)} tensors, too few for the {heads} task heads listed")
     try:
-        model = rebuild_model(state.manifest["model"])
-    except (TypeError, ValueError) as err:
-        raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {err}") from None
+        with torch.device("meta"):
+            skeleton = rebuild_model(description)
+        check_tensor_specs(header, tensor_specs(skeleton.state_dict()), where, "the recorded model needs")
+        del skeleton
+        model = rebuild_model(description)
+    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+        raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {printable(err)}") from None
     weights = state.tensors("model.safetensors")
-    check_model_weights(model, weights, state.path / "model.safetensors")
+    check_finite(weights, where)
     try:
         model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise StateError(f"{state.path / 'model.safetensors'} does not fit the recorded model: {err}") from None
+        raise StateError(f"{where} does not fit the recorded model: {err}") from None
     return model.eval()
 
 

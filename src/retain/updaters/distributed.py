@@ -75,7 +75,7 @@ from torch.utils.data import Dataset
 from retain.memory import ReservoirMemory
 from retain.models.base import ContinualModel, rebuild_model
 from retain.options import TrainingOptions
-from retain.state import StateFolder, lock_output_folder
+from retain.state import StateFolder
 from retain.updaters.base import ModelUpdater, _deterministic, seed_update
 from retain.updaters.loop import FitResult
 
@@ -255,9 +255,9 @@ def run_rank(
     out = updater.output_state_folder
     with contextlib.ExitStack() as stack:
         error = None
-        if take_lock and rank == 0 and out is not None:
+        if take_lock and rank == 0 and updater.output_lock is not None:
             try:
-                stack.enter_context(lock_output_folder(out))
+                stack.enter_context(updater.output_lock)
             except Exception as err:  # reported to every rank, raised everywhere
                 error = f"{type(err).__name__}: {err}"
         _agree(error)
@@ -379,7 +379,7 @@ def _run_spawned_rank(rank: int, world_size: int, payload: _Payload) -> None:
     """Rebuilds the updater from the temporary state folder and runs this rank of the update."""
     os.environ.update(
         RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size), MASTER_ADDR="127.0.0.1",
-        MASTER_PORT=str(payload.port),
+        MASTER_PORT=str(payload.port), RETAIN_SPAWNED_RANK="1",  # the parent holds the output lock
     )  # fmt: skip
     options = dict(payload.options)
     if rank > 0:
@@ -419,7 +419,7 @@ def _spawn_update(
     if updater.device.type == "cuda" and world > torch.cuda.device_count():
         raise ValueError(f"devices={world} but only {torch.cuda.device_count()} CUDA GPU(s) are visible")
     out = updater.output_state_folder
-    lock = lock_output_folder(out) if out is not None else contextlib.nullcontext()
+    lock = updater.output_lock if updater.output_lock is not None else contextlib.nullcontext()
     with tempfile.TemporaryDirectory(prefix="retain-ddp-") as tmp, lock:
         source = updater.save_state(Path(tmp) / "input")
         target = Path(out) if out is not None else Path(tmp) / "output"
