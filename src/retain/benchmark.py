@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import inspect
-import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -33,6 +32,7 @@ from retain.methods import (
 )
 from retain.models import ContinualModel, MultiLayerPerceptron, ResNet18
 from retain.options import TrainingOptions
+from retain.state import OutputLock, remove_state_folder
 from retain.updaters.base import ModelUpdater
 
 
@@ -153,6 +153,16 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
     if config.score_on == "val" and not config.val_fraction > 0:
         raise ValueError("score_on='val' needs val_fraction > 0 (the share of each task's train data held out)")
 
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise ValueError(f"--output {output} is a file; name a folder for the report and the state folders")
+    output.mkdir(parents=True, exist_ok=True)
+    with OutputLock(output / "state"):  # a second run into the same --output fails at once
+        return _run_benchmark(config, spec, method_options, output, log)
+
+
+def _run_benchmark(config: BenchmarkConfig, spec: MethodSpec, method_options: dict[str, Any], output: Path,
+                   log: Any) -> dict[str, Any]:
     splits = load_dataset(config.dataset, config.data_dir)
     scenario_kwargs: dict[str, Any] = {"val_fraction": config.val_fraction}
     if config.scenario in ("class-incremental", "task-incremental"):
@@ -161,7 +171,6 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
     else:
         scenario_kwargs["num_tasks"] = config.num_tasks or 20
     per_seed = {"class_order_seed"} if config.shuffle_classes else set()
-    output = Path(config.output)
     runs = []
     for seed in config.seeds:
         tasks = make_scenario(config.scenario, splits, seed=seed, **scenario_kwargs,
@@ -190,8 +199,8 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
     training_options = {"seed": seed, "progress_bar": True, **config.training_options}
     training_options.setdefault("train_transform", train_transform)
     training_options.setdefault("test_transform", test_transform)
-    if state_root.exists():
-        shutil.rmtree(state_root)
+    for stale in sorted(state_root.glob("update*")) if state_root.is_dir() else []:
+        remove_state_folder(stale)  # a previous run's states; anything else there is refused, not deleted
     torch.manual_seed(seed)
     initial_model = build_model(config, splits.input_shape, splits.num_classes)
     device_model = None
@@ -214,7 +223,7 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
         log(f"[seed {seed}] update {i + 1}/{len(tasks)} ({task.task_id}, {len(task.train)} items): "
             f"{seconds[-1]:.1f}s, mean accuracy on seen tasks {100 * sum(seen) / len(seen):.2f}%")
         if previous is not None and not config.keep_all_states:
-            shutil.rmtree(previous)
+            remove_state_folder(previous)
         previous = state
     return build_result(rows, config=config.describe(), train_seconds=seconds, initial_accuracy=initial_accuracy,
                         task_ids=[t.task_id for t in tasks], seed=seed)

@@ -494,6 +494,17 @@ class OutputLock:
             self.release()
 
 
+def remove_state_folder(folder: str | Path) -> None:
+    """Deletes a retain state folder, and nothing that is not one (StateError naming why)."""
+    folder = resolved(folder)
+    reason = not_a_state_folder(folder)
+    if reason is not None:
+        raise StateError(f"refusing to delete {printable(folder)}: {reason}")
+    doomed = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
+    os.rename(folder, doomed)  # a kill mid-way leaves a leftover, never a half-deleted state
+    shutil.rmtree(doomed)
+
+
 def lock_output_folder(folder: str | Path) -> OutputLock:
     """``with lock_output_folder(path):`` holds the output lock of ``path``."""
     return OutputLock(folder)

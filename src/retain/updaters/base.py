@@ -353,7 +353,11 @@ def _deterministic(enabled: bool):
 def secondary_rank() -> bool:
     """True in a process of a multi-process update that does not write the state (rank > 0 of a
     torchrun job, or any worker spawned by ``devices=N``, whose parent holds the output lock)."""
-    return os.environ.get("RETAIN_SPAWNED_RANK") == "1" or os.environ.get("RANK", "0") not in ("", "0")
+    if os.environ.get("RETAIN_SPAWNED_RANK") == "1" or os.environ.get("RANK", "0") not in ("", "0"):
+        return True
+    import torch.distributed as dist
+
+    return dist.is_available() and dist.is_initialized() and dist.get_rank() > 0
 
 
 def load_model(state_folder: str | Path) -> ContinualModel:
