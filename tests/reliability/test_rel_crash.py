@@ -22,14 +22,12 @@ from typing import Any
 
 import pytest
 from test_rel_support import (
-    JOB_DEFAULTS,
     ForkServer,
     JobRun,
     build_updater,
     fork_server,
     siblings,
     snapshot,
-    synthetic_data,
 )
 
 from retain.checkpoint import resume_folder
