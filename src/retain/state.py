@@ -641,7 +641,7 @@ class StateFolder:
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
         try:
-            info = os.lstat(self.path)
+            info = os.stat(self.path)  # the folder may be a link (e.g. latest -> v5); its files may not
         except FileNotFoundError:
             raise StateError(f"state folder {printable(self.path)} does not exist") from None
         if not stat.S_ISDIR(info.st_mode):
@@ -752,8 +752,8 @@ def check_memory_json(meta: Any, memory_size: int, where: str | Path) -> None:
     check_json_like(meta, {"memory_size": 0, "seen": 0, "metadata_names": []}, where)
     if meta["memory_size"] != memory_size:
         raise StateError(f"{where}: the state holds a memory of size {meta['memory_size']}, this one has {memory_size}")
-    if not 0 <= meta["seen"] < 2**63:
-        raise StateError(f"{where}: seen must be in [0, 2**63), got {meta['seen']}")
+    if not 0 <= meta["seen"] <= 2**53:  # the reservoir draws positions in float64: exact up to 2**53
+        raise StateError(f"{where}: seen must be in [0, 2**53], got {meta['seen']}")
     names = meta["metadata_names"]
     if names != sorted(set(names)) or not all(re.fullmatch(r"[A-Za-z0-9_]{1,64}", n) for n in names):
         raise StateError(f"{where}: metadata_names must be sorted unique identifiers, got {names!r}")

@@ -282,6 +282,16 @@ class Learner:
         """The memory the updater saves in ``memory.safetensors`` (None for memory-free learners)."""
         return None
 
+    def memory_columns(self) -> dict[str, tuple[int, ...] | None]:
+        """Metadata columns a loaded memory must hold for this learner, with their per-item shape
+        (None: any shape); a state without them is refused at load, not mid-update."""
+        return {}
+
+    def output_shape(self) -> tuple[int, ...] | None:
+        """Per-item shape of the model's outputs when the model declares it (``num_outputs``)."""
+        num_outputs = getattr(self.model, "num_outputs", None)
+        return (int(num_outputs),) if isinstance(num_outputs, int) else None
+
 
 class ReplayLearner(Learner):
     """A learner with a reservoir memory on the training device.

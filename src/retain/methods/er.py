@@ -150,6 +150,9 @@ class BaseExperienceReplayLearner(ReplayLearner):
                 metadata[feature_name(i)] = f.float()
         return metadata
 
+    def memory_columns(self) -> dict[str, tuple[int, ...] | None]:
+        return {LOGITS: self.output_shape()} if self._store_logits else {}
+
     def _refresh_metadata(self, indices: Tensor, logits: Tensor, features: list[Tensor]) -> None:
         gamma = self.ema_memory_update_gamma
         for name, value in self._metadata(logits, features).items():

@@ -156,6 +156,9 @@ class RepeatedDistillationLearner(ReplayLearner):
     re-initialises the whole model, heads of other task ids do not survive an update.
     """
 
+    def memory_columns(self) -> dict[str, tuple[int, ...] | None]:
+        return {LOGITS: self.output_shape()}
+
     def __init__(
         self,
         memory_size: int,

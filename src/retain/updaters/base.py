@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -203,6 +204,21 @@ class ModelUpdater:
         memory_tensors = state.tensors("memory.safetensors")
         num_classes = int(getattr(self.model, "num_outputs", 0))
         check_memory_tensors(memory_tensors, num_classes, state.path / "memory.safetensors")
+        if min(meta["seen"], memory.memory_size) > 0:
+            needed = self.learner.memory_columns()
+            missing = sorted(set(needed) - set(meta["metadata_names"]))
+            if missing:
+                raise StateError(
+                    f"{memory_path}: {self.method_name} needs the memory column(s) {missing}, the state holds "
+                    f"{meta['metadata_names']}"
+                )
+            for name, shape in needed.items():
+                column = memory_tensors.get(f"metadata.{name}")
+                if shape is not None and column is not None and tuple(column.shape[1:]) != shape:
+                    raise StateError(
+                        f"{state.path / 'memory.safetensors'}: column {name!r} has per-item shape "
+                        f"{tuple(column.shape[1:])}, {self.method_name} needs {shape}"
+                    )
         try:
             memory.load_state_dict(meta, memory_tensors)
         except (KeyError, ValueError, TypeError, RuntimeError) as err:
@@ -364,7 +380,29 @@ def load_model(state_folder: str | Path) -> ContinualModel:
     """The model to predict with from a state folder, rebuilt from its registry entry (no pickle).
 
     The recorded model is first built on the ``meta`` device (no memory) and its tensor names,
-    dtypes and shapes compared with the weights file's header; only a model that fits is built."""
+    dtypes and shapes compared with the weights file's header; only a model that fits is built.
+    A read that races an update replacing the folder is retried on the new folder (a reader gets
+    the old or the new complete state, never a mix)."""
+    for attempt in range(4):
+        identity = _folder_identity(state_folder)
+        try:
+            return _load_model_once(state_folder)
+        except (StateError, OSError):
+            if attempt == 3 or identity is None or _folder_identity(state_folder) == identity:
+                raise
+            time.sleep(0.02 * (attempt + 1))  # the folder was replaced while we read it: read the new one
+    raise AssertionError("unreachable")
+
+
+def _folder_identity(folder: str | Path) -> tuple[int, int] | None:
+    try:
+        info = os.lstat(folder)
+    except OSError:
+        return None
+    return info.st_dev, info.st_ino
+
+
+def _load_model_once(state_folder: str | Path) -> ContinualModel:
     from retain.models.base import rebuild_model
 
     state = StateFolder(state_folder)
