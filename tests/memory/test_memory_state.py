@@ -19,7 +19,9 @@ def _state(nested: bool = True) -> State:
     memory = ReservoirMemory(6, seed=0, pad_values={"ids": -1})
     for start in range(0, 10, 5):
         ids = torch.arange(start, start + 5)
-        inputs = {"ids": ids.unsqueeze(1).repeat(1, 3), "x": ids.float().unsqueeze(1)} if nested else ids.float()[:, None]
+        inputs: Any = ids.float()[:, None]
+        if nested:
+            inputs = {"ids": ids.unsqueeze(1).repeat(1, 3), "x": ids.float().unsqueeze(1)}
         memory.add(inputs, ids % 4, {"logits": ids.float().unsqueeze(1).repeat(1, 4)})
     return memory.state_dict()
 
