@@ -45,6 +45,15 @@ _DTYPES = {
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
 
 
+class MemoryStateError(ValueError):
+    """A memory state that does not load: ``in_json`` says whether the JSON description (memory.json)
+    or the tensors (memory.safetensors) are at fault, so that a caller can name the file."""
+
+    def __init__(self, message: str, in_json: bool) -> None:
+        super().__init__(f"memory state: {message}")
+        self.in_json = in_json
+
+
 @dataclass
 class MemoryBatch:
     """Items drawn from the memory: their slot ``indices`` (on the memory's storage device, to
@@ -487,9 +496,10 @@ class ReservoirMemory:
         try:
             generator.set_state(tensors["generator_state"].cpu())
         except RuntimeError:
-            raise ValueError(
-                f"memory state: generator_state ({tensors['generator_state'].numel()} bytes) does not fit a "
-                f"{self.storage_device.type} generator"
+            raise MemoryStateError(
+                f"generator_state ({tensors['generator_state'].numel()} bytes) does not fit a "
+                f"{self.storage_device.type} generator",
+                in_json=False,
             ) from None
         self.generator = generator
         self.seen = seen
@@ -517,8 +527,11 @@ class ReservoirMemory:
         num_classes: int | None,
         required_metadata: dict[str, tuple[int, ...] | None] | None,
     ) -> tuple[Any, list[str], dict[str, float], list[str], int, int]:
-        def fail(message: str) -> ValueError:
-            return ValueError(f"memory state: {message}")
+        def fail(message: str) -> MemoryStateError:
+            return MemoryStateError(message, in_json=True)
+
+        def bad_tensors(message: str) -> MemoryStateError:
+            return MemoryStateError(message, in_json=False)
 
         if not isinstance(meta, dict):
             raise fail(f"the description must be a JSON object, got {type(meta).__name__}")
@@ -526,7 +539,11 @@ class ReservoirMemory:
         unknown = sorted(set(meta) - known)
         if unknown:
             raise fail(f"unknown field(s) {unknown}")
-        for key in ("memory_size", "seen", "metadata_names"):
+        nested_fields = ("input_structure", "input_leaves", "pad_values")
+        required = ["memory_size", "seen", "metadata_names"]
+        if any(key in meta for key in nested_fields):  # all three, or none (a state before nested inputs)
+            required += nested_fields
+        for key in required:
             if key not in meta:
                 raise fail(f"field {key!r} is missing")
         for key in ("memory_size", "seen"):
@@ -553,10 +570,10 @@ class ReservoirMemory:
                     f"{self.pad_values.get(path, 0)!r}"
                 )
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-            raise fail("tensors must be a dict of tensors")
+            raise bad_tensors("tensors must be a dict of tensors")
         state = tensors.get("generator_state")
         if state is None or state.dtype != torch.uint8 or state.dim() != 1:
-            raise fail("generator_state must be a 1-D uint8 tensor")
+            raise bad_tensors("generator_state must be a 1-D uint8 tensor")
         # the inputs' structure and leaves
         struct = meta.get("input_structure")
         if struct is None and filled and "inputs" in tensors:
@@ -584,10 +601,10 @@ class ReservoirMemory:
             expected |= {_input_key(p) for p in paths} | {"targets"} | {f"metadata.{n}" for n in names}
         unknown = sorted(set(tensors) - expected)
         if unknown:
-            raise fail(f"unknown tensor(s) {unknown}")
+            raise bad_tensors(f"unknown tensor(s) {unknown}")
         missing = sorted(expected - set(tensors))
         if missing:
-            raise fail(f"tensor(s) {missing} missing")
+            raise bad_tensors(f"tensor(s) {missing} missing")
         if not filled:
             return struct if struct is not None else None, [], pads, [], seen, 0
         for path in paths:
@@ -602,33 +619,33 @@ class ReservoirMemory:
                 raise fail(f"input_leaves[{path!r}]: shape must be a list of sizes, got {shape!r}")
             value = tensors[key]
             if value.dtype != dtype or tuple(value.shape) != (filled, *shape):
-                raise fail(
+                raise bad_tensors(
                     f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {(filled, *shape)}"
                 )
         targets = tensors["targets"]
         if targets.dtype != torch.int64 or targets.dim() != 1:
-            raise fail(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
+            raise bad_tensors(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
         if targets.shape[0] != filled:
-            raise fail(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
+            raise bad_tensors(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
         if num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise fail(f"targets must lie in [0, {num_classes - 1}]")
+            raise bad_tensors(f"targets must lie in [0, {num_classes - 1}]")
         for name in names:
             value = tensors[f"metadata.{name}"]
             if value.dim() == 0 or value.shape[0] != filled:
-                raise fail(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
+                raise bad_tensors(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
         for name, shape in (required_metadata or {}).items():
             if name not in names:
-                raise fail(f"metadata column {name!r} is missing (the method needs it)")
+                raise bad_tensors(f"metadata column {name!r} is missing (the method needs it)")
             value = tensors[f"metadata.{name}"]
             if not value.dtype.is_floating_point:
-                raise fail(f"metadata column {name!r} must be floating point, got {value.dtype}")
+                raise bad_tensors(f"metadata column {name!r} must be floating point, got {value.dtype}")
             if shape is not None and tuple(value.shape[1:]) != tuple(shape):
-                raise fail(
+                raise bad_tensors(
                     f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
                 )
         for key, value in tensors.items():
             if value.dtype.is_floating_point and not _all_finite(value):
-                raise fail(f"tensor {key!r} contains NaN or Inf")
+                raise bad_tensors(f"tensor {key!r} contains NaN or Inf")
         return struct, paths, pads, list(names), seen, filled
 
 
