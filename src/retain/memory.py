@@ -33,7 +33,7 @@ from retain.nested import NestedTensors
 
 MEMORY_DEVICES = ("same", "cpu", "pinned")
 INITIAL_ROWS = 64  # first allocation (rows); storage then doubles up to memory_size + 1
-FLOYD_MIN_ITEMS = 2048  # below this many items a whole randperm is cheaper than Floyd's fixed op count
+FLOYD_MIN_ITEMS = 16_384  # below this many items one randperm costs less than Floyd's ~20 small ops
 _INT64_MAX = 2**63 - 1
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -83,11 +83,14 @@ def floyd_resolve(t: Tensor, n: int, jumps: int | None = None) -> Tensor:
     """
     k = t.shape[-1]
     base = n - k
-    dup = (t.unsqueeze(-1) == t.unsqueeze(-2)).tril_(-1).any(-1)  # t_i equals some t_m, m < i
+    rows = t if t.dim() == 1 else t.unsqueeze(-2)
+    dup = (t.unsqueeze(-1) == rows).tril_(-1).any(-1)  # t_i equals some t_m, m < i
     # Positions: 0 = free sentinel, 1..k = steps 0..k-1, k+1 = collided sentinel.
     pointer = (t - (base - 1)).clamp_(min=0).masked_fill_(dup, k + 1)
-    ends = _sentinels(k, t.device).expand(*t.shape[:-1], 2)
-    pointer = torch.cat((ends[..., :1], pointer, ends[..., 1:]), dim=-1)
+    free, collided = _sentinels(k, t.device)
+    if t.dim() > 1:
+        free, collided = free.expand(*t.shape[:-1], 1), collided.expand(*t.shape[:-1], 1)
+    pointer = torch.cat((free, pointer, collided), dim=-1)
     for _ in range((k - 1).bit_length() if jumps is None else jumps):  # ceil(log2 k) for k >= 1
         pointer = pointer.gather(-1, pointer)
     return torch.where(pointer[..., 1:-1] == k + 1, _steps(n, k, t.device), t)
@@ -106,8 +109,12 @@ def _cached(kind: str, a: int, b: int, device: torch.device, build: Callable[[],
     return value
 
 
-def _sentinels(k: int, device: torch.device) -> Tensor:
-    return _cached("ends", k, 0, device, lambda: torch.tensor([0, k + 1], device=device))
+def _sentinels(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The pointers of the free (0) and collided (k + 1) sentinels, each pointing to itself."""
+    return (
+        _cached("free", k, 0, device, lambda: torch.zeros(1, dtype=torch.long, device=device)),
+        _cached("collided", k, 0, device, lambda: torch.full((1,), k + 1, dtype=torch.long, device=device)),
+    )
 
 
 def _steps(n: int, k: int, device: torch.device) -> Tensor:
