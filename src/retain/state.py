@@ -747,37 +747,6 @@ def check_json_like(value: Any, template: Any, where: str | Path, key: str = "")
         raise fail("a JSON scalar")
 
 
-def check_memory_json(meta: Any, memory_size: int, where: str | Path) -> None:
-    """memory.json: exactly ``memory_size`` (this memory's), ``seen`` >= 0 and sorted unique column names."""
-    check_json_like(meta, {"memory_size": 0, "seen": 0, "metadata_names": []}, where)
-    if meta["memory_size"] != memory_size:
-        raise StateError(f"{where}: the state holds a memory of size {meta['memory_size']}, this one has {memory_size}")
-    if not 0 <= meta["seen"] <= 2**53:  # the reservoir draws positions in float64: exact up to 2**53
-        raise StateError(f"{where}: seen must be in [0, 2**53], got {meta['seen']}")
-    names = meta["metadata_names"]
-    if names != sorted(set(names)) or not all(re.fullmatch(r"[A-Za-z0-9_]{1,64}", n) for n in names):
-        raise StateError(f"{where}: metadata_names must be sorted unique identifiers, got {names!r}")
-
-
-def check_memory_tensors(tensors: dict[str, torch.Tensor], num_classes: int, where: str | Path) -> None:
-    """memory.safetensors: a uint8 generator state, finite inputs and metadata, 1-D integer
-    targets in ``[0, num_classes)`` (an out-of-range label would crash a GPU kernel later)."""
-    state = tensors.get("generator_state")
-    if state is None or state.dtype != torch.uint8 or state.dim() != 1:
-        raise StateError(f"{where}: generator_state must be a 1-D uint8 tensor")
-    targets = tensors.get("targets")
-    if targets is not None:
-        if targets.dim() != 1 or targets.dtype != torch.int64:
-            raise StateError(f"{where}: targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
-        if targets.numel() and num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise StateError(f"{where}: targets must lie in [0, {num_classes - 1}]")
-    for name, value in tensors.items():
-        if name.startswith("metadata.") and not value.dtype.is_floating_point:
-            raise StateError(f"{where}: metadata column {name!r} must be floating point, got {value.dtype}")
-        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
-            raise StateError(f"{where}: {name} contains NaN or Inf")
-
-
 def check_tensor_specs(
     found: dict[str, tuple[torch.dtype, tuple[int, ...]]],
     expected: dict[str, tuple[torch.dtype, tuple[int, ...]]],

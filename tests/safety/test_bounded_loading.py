@@ -179,21 +179,24 @@ def test_deep_json_is_refused(state: Path) -> None:
 @pytest.mark.parametrize("dtype", [torch.int32, torch.int16])
 def test_memory_targets_of_another_integer_dtype_are_refused_at_load(state: Path, dtype: torch.dtype) -> None:
     _edit_tensors(state, "memory.safetensors", lambda t: t.update(targets=t["targets"].to(dtype)))
-    with pytest.raises(StateError, match=r"memory.safetensors: targets must be a 1-D int64 tensor"):
+    message = r"memory\.safetensors: memory state: targets must be a 1-D int64 tensor, got torch\.int"
+    with pytest.raises(StateError, match=message):
         _resume(state)
 
 
 def test_integer_stored_logits_are_refused_at_load(state: Path) -> None:
     _edit_tensors(state, "memory.safetensors",
                   lambda t: t.update({"metadata.logits": t["metadata.logits"].round().to(torch.int64)}))  # fmt: skip
-    with pytest.raises(StateError, match=r"memory.safetensors: metadata column 'metadata.logits' must be floating"):
+    message = r"memory\.safetensors: memory state: metadata column 'logits' must be floating point"
+    with pytest.raises(StateError, match=message):
         _resume(state)
 
 
 def test_a_der_memory_without_its_logits_column_is_refused_at_load(state: Path) -> None:
     _edit_tensors(state, "memory.safetensors", lambda t: t.pop("metadata.logits"))
     _edit_json(state, "memory.json", lambda m: m.update(metadata_names=[]))
-    with pytest.raises(StateError, match=r"memory.json: .*needs the memory column\(s\) \['logits'\]"):
+    message = r"memory\.safetensors: memory state: metadata column 'logits' is missing \(the method needs it\)"
+    with pytest.raises(StateError, match=message):
         _resume(state)
 
 
@@ -216,7 +219,7 @@ def test_an_er_state_can_not_be_continued_as_der_even_when_names_match(tmp_path:
     _updater(ExperienceReplayModelUpdater, output_state_folder=er).update(digits_tasks[0][0])
     _edit_manifest(er, method="DarkExperienceReplayModelUpdater")
     _reseal(er, "memory.json")
-    with pytest.raises(StateError, match="needs the memory column"):
+    with pytest.raises(StateError, match="metadata column 'logits' is missing"):
         _resume(er)
 
 

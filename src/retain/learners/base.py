@@ -282,7 +282,7 @@ class Learner:
         """The memory the updater saves in ``memory.safetensors`` (None for memory-free learners)."""
         return None
 
-    def memory_columns(self) -> dict[str, tuple[int, ...] | None]:
+    def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
         """Metadata columns a loaded memory must hold for this learner, with their per-item shape
         (None: any shape); a state without them is refused at load, not mid-update."""
         return {}

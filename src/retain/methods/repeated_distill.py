@@ -156,7 +156,7 @@ class RepeatedDistillationLearner(ReplayLearner):
     re-initialises the whole model, heads of other task ids do not survive an update.
     """
 
-    def memory_columns(self) -> dict[str, tuple[int, ...] | None]:
+    def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
         return {LOGITS: self.output_shape()}
 
     def __init__(

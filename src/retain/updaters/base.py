@@ -31,8 +31,6 @@ from retain.state import (
     StateFolder,
     check_finite,
     check_json_like,
-    check_memory_json,
-    check_memory_tensors,
     check_output_path,
     check_tensor_specs,
     check_tensors_roundtrip,
@@ -199,31 +197,15 @@ class ModelUpdater:
         memory = self.learner.memory_for_state()
         if memory is None:
             return
-        meta, memory_path = state.json("memory.json"), state.path / "memory.json"
-        check_memory_json(meta, memory.memory_size, memory_path)
-        memory_tensors = state.tensors("memory.safetensors")
-        num_classes = int(getattr(self.model, "num_outputs", 0))
-        check_memory_tensors(memory_tensors, num_classes, state.path / "memory.safetensors")
-        if min(meta["seen"], memory.memory_size) > 0:
-            needed = self.learner.memory_columns()
-            missing = sorted(set(needed) - set(meta["metadata_names"]))
-            if missing:
-                raise StateError(
-                    f"{memory_path}: {self.method_name} needs the memory column(s) {missing}, the state holds "
-                    f"{meta['metadata_names']}"
-                )
-            for name, shape in needed.items():
-                column = memory_tensors.get(f"metadata.{name}")
-                if shape is not None and column is not None and tuple(column.shape[1:]) != shape:
-                    raise StateError(
-                        f"{state.path / 'memory.safetensors'}: column {name!r} has per-item shape "
-                        f"{tuple(column.shape[1:])}, {self.method_name} needs {shape}"
-                    )
+        # The memory validates its own format (fields, dtypes, shapes, counters, columns, finiteness).
+        meta, memory_tensors = state.json("memory.json"), state.tensors("memory.safetensors")
+        num_classes = int(getattr(self.model, "num_outputs", 0)) or None
+        required = self.learner.required_memory_metadata()
         try:
-            memory.load_state_dict(meta, memory_tensors)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise StateError(f"{state.path / 'memory.safetensors'}: memory state does not fit: {err!r}") from None
-        check_tensors_roundtrip(memory_tensors, memory.state_dict()[1], state.path / "memory.safetensors")
+            memory.load_state_dict(meta, memory_tensors, num_classes=num_classes, required_metadata=required)
+        except ValueError as err:
+            name = "memory.json" if getattr(err, "in_json", False) else "memory.safetensors"
+            raise StateError(f"{state.path / name}: {err}") from None
 
     def load_resume_state(self, state: StateFolder) -> None:
         """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
