@@ -21,6 +21,7 @@ from torch.utils.data import Dataset
 import retain
 from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
 from retain.learners.base import Learner, model_device, new_checkpoint
+from retain.models.adapter import as_continual_model, is_plain_description, unwrap
 from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
 from retain.state import (
@@ -77,7 +78,7 @@ class ModelUpdater:
 
     def __init__(
         self,
-        model: ContinualModel,
+        model: ContinualModel | nn.Module,
         loss_fn: nn.Module | Callable | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         learner_class: type[Learner] = Learner,
@@ -86,8 +87,7 @@ class ModelUpdater:
         output_state_folder: str | Path | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(model, ContinualModel):
-            raise TypeError(f"model must be a retain ContinualModel (RenateModule), got {type(model).__name__}")
+        model = as_continual_model(model)  # a plain nn.Module is wrapped (see retain.models.adapter)
         self.options = TrainingOptions.from_kwargs(type(self).__name__, **options)
         self.input_state_folder = Path(input_state_folder) if input_state_folder is not None else None
         self.output_state_folder = Path(output_state_folder) if output_state_folder is not None else None
@@ -196,7 +196,8 @@ class ModelUpdater:
         val_dataset_collate_fn: Callable | None = None,
         task_id: str | None = None,
     ) -> ContinualModel:
-        """Trains on ``train_dataset`` and returns the model to predict with.
+        """Trains on ``train_dataset`` and returns the model to predict with (for a plain
+        ``nn.Module``, the module itself). The datasets may be map-style or iterable, or DataLoaders.
 
         With ``checkpoint_every_n_epochs`` it resumes from a matching in-progress checkpoint
         beside the output folder (see ``retain.checkpoint``) and removes it once the state is written.
@@ -204,9 +205,9 @@ class ModelUpdater:
         from retain.updaters import distributed  # imported here: it builds on this module
 
         if distributed.wants_ddp(self.options):
-            return distributed.distributed_update(
+            return unwrap(distributed.distributed_update(
                 self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
-            )
+            ))  # fmt: skip
         lock = lock_output_folder(self.output_state_folder) if self.output_state_folder else contextlib.nullcontext()
         with lock, _deterministic(self.options.deterministic_trainer):
             seed_update(self.learner.seed, self.learner.updates_done)
@@ -233,7 +234,7 @@ class ModelUpdater:
                 self.save_state(self.output_state_folder)
             if checkpointer is not None:
                 checkpointer.discard()
-        return self.learner.inference_model()
+        return unwrap(self.learner.inference_model())  # a plain nn.Module comes back as the user's module
 
     def _train(self) -> FitResult:
         raise NotImplementedError
@@ -306,22 +307,45 @@ def _deterministic(enabled: bool):
         torch.use_deterministic_algorithms(previous)
 
 
-def load_model(state_folder: str | Path) -> ContinualModel:
-    """The model to predict with from a state folder, rebuilt from its registry entry (no pickle)."""
+def load_model(state_folder: str | Path, model: nn.Module | None = None) -> nn.Module:
+    """The model to predict with from a state folder, rebuilt from its registry entry (no pickle).
+
+    ``model``: a freshly built module to load the weights into, required for a state of a plain
+    ``nn.Module`` (which records no constructor): its class name and every weight's name, shape
+    and dtype must match the state, else a ``StateError`` says what differs. Returns ``model``
+    itself (in eval mode) when given."""
     from retain.models.base import rebuild_model
 
     state = StateFolder(state_folder)
-    try:
-        model = rebuild_model(state.manifest["model"])
-    except (TypeError, ValueError) as err:
-        raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {err}") from None
+    description = state.manifest["model"]
+    if model is not None:
+        target = as_continual_model(model)
+        mine = target.describe()
+        if mine["class"] != description["class"] or mine["hyperparameters"] != description["hyperparameters"]:
+            raise StateError(
+                f"{state.path / MANIFEST}: the state holds a {description['class']} with hyperparameters "
+                f"{description['hyperparameters']}, but the model given is a {mine['class']} "
+                f"with {mine['hyperparameters']}"
+            )
+        for task_id in description["task_ids"]:
+            target.add_task_params(task_id)
+    elif is_plain_description(description):
+        raise StateError(
+            f"{state.path / MANIFEST}: the state holds a plain nn.Module ({description['class']}), which records no "
+            f"constructor: rebuild it with retain.load_model(folder, model={description['class']}(...))"
+        )
+    else:
+        try:
+            target = rebuild_model(description)
+        except (TypeError, ValueError) as err:
+            raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {err}") from None
     weights = state.tensors("model.safetensors")
-    check_model_weights(model, weights, state.path / "model.safetensors")
+    check_model_weights(target, weights, state.path / "model.safetensors")
     try:
-        model.load_state_dict(weights, strict=True)
+        target.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise StateError(f"{state.path / 'model.safetensors'} does not fit the recorded model: {err}") from None
-    return model.eval()
+    return unwrap(target).eval()
 
 
 __all__ = ["ModelUpdater", "SingleTrainingLoopUpdater", "load_model", "model_device", "resolve_device"]

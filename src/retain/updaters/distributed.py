@@ -271,6 +271,8 @@ def run_rank(
         new_batch_size = learner.train_batch_size
         if rank > 0:
             learner.generator.set_state(derive_generator_state(learner.generator.get_state(), rank))
+        if getattr(learner.train_dataloader(), "is_stream", False):
+            raise ValueError("train_dataset: an IterableDataset cannot be sharded over devices; use devices=1")
         indices = shard_indices(
             len(learner.train_dataloader().dataset), rank, world, learner.seed * 1_000_003 + learner.updates_done
         )
