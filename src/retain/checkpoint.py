@@ -11,7 +11,8 @@ safetensors only) plus:
 - ``rng.json`` + ``rng.safetensors``: the global torch (CPU and CUDA), NumPy and ``random`` states.
 
 When an update starts and finds a checkpoint whose fingerprint matches (same state before the
-update, same training and validation data as ``data_digest`` identifies them, same options, optimizer, loss, method and task id),
+update, same training and validation data as ``data_digest`` identifies them, same options,
+optimizer, loss, method and task id),
 it restores everything and continues with the next epoch; otherwise it ignores the checkpoint
 with a warning and starts over. The checkpoint is removed once the output state is written.
 On CPU with a fixed seed a resumed update ends with the same bytes as an uninterrupted one.
