@@ -75,6 +75,9 @@ class TrainingOptions:
     # Names of submodules (``model.get_submodule(name)``) whose outputs POD distils, captured by
     # forward hooks; None keeps the model's own (the shipped models' defaults).
     feature_layers: list[str] | None = None
+    # Pad value per input leaf path (e.g. {"input_ids": pad_token_id}) with which the replay memory
+    # and the join of new and replayed batches pad variable-length leaves; unlisted leaves pad with 0.
+    pad_values: dict[str, float] | None = None
     # --- end of issue 12 options ---
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
@@ -115,6 +118,12 @@ class TrainingOptions:
             if not layers or not all(isinstance(n, str) and n for n in layers):
                 raise ValueError(f"feature_layers must be a non-empty list of submodule names, got {layers!r}")
             self.feature_layers = layers
+        if self.pad_values is not None:
+            if not isinstance(self.pad_values, dict) or not all(
+                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
+                for k, v in self.pad_values.items()
+            ):
+                raise ValueError(f"pad_values must map input leaf paths to numbers, got {self.pad_values!r}")
 
     def loader_options(self) -> LoaderOptions:
         """The DataLoader settings for ``retain.batching``."""

@@ -357,8 +357,10 @@ class ReplayLearner(Learner):
             self.memory_batch_size = memory_batch_size
             self._new_batch_size = self.options.batch_size
         o = self.options
+        extra: dict[str, Any] = {"pad_values": dict(o.pad_values)} if o.pad_values else {}
         self.memory = ReservoirMemory(
             memory_size,
+            **extra,
             device=self.device,
             seed=self.seed + 1,
             transform=o.buffer_transform if o.buffer_transform is not None else o.train_transform,

@@ -267,8 +267,12 @@ class WeightedCLSLossComponent(Component):
         """Gives the copies a head for a new task id (initialised from the working model's)."""
         self.task_id = task_id
         for copy_model in (self.plastic_model, self.stable_model):
-            if task_id not in copy_model.heads:
+            if task_id in copy_model.task_ids:
+                continue
+            if task_id in model.heads:
                 copy_model.heads[task_id] = copy.deepcopy(model.heads[task_id]).requires_grad_(False)
+            else:  # a plain nn.Module: one output layer shared by every task id
+                copy_model.add_task_params(task_id)
 
     def on_save_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
         checkpoint["json"][f"{prefix}step"] = self.step

@@ -143,9 +143,9 @@ class ContinualModel(nn.Module):
         ``names`` of ``feature_root()``, captured by forward hooks, in the order given, instead
         of what ``get_features`` appends. A submodule returning a tuple gives its first tensor."""
         root = self.feature_root()
-        for module in root.modules():  # drop hooks of an earlier call
+        for module in root.modules():  # drop hooks of an earlier call (or of an earlier wrapper of the module)
             for key, hook in list(module._forward_hooks.items()):
-                if isinstance(hook, _CaptureFeature) and hook.owner is self:
+                if isinstance(hook, _CaptureFeature):
                     del module._forward_hooks[key]
         for i, name in enumerate(names):
             try:
