@@ -118,12 +118,9 @@ class TrainingOptions:
             if not layers or not all(isinstance(n, str) and n for n in layers):
                 raise ValueError(f"feature_layers must be a non-empty list of submodule names, got {layers!r}")
             self.feature_layers = layers
-        if self.pad_values is not None:
-            if not isinstance(self.pad_values, dict) or not all(
-                isinstance(k, str) and isinstance(v, int | float) and not isinstance(v, bool)
-                for k, v in self.pad_values.items()
-            ):
-                raise ValueError(f"pad_values must map input leaf paths to numbers, got {self.pad_values!r}")
+        pads = self.pad_values
+        if pads is not None and (not isinstance(pads, dict) or not all(_is_pad(k, v) for k, v in pads.items())):
+            raise ValueError(f"pad_values must map input leaf paths to numbers, got {self.pad_values!r}")
 
     def loader_options(self) -> LoaderOptions:
         """The DataLoader settings for ``retain.batching``."""
@@ -150,6 +147,10 @@ class TrainingOptions:
             value = getattr(self, f.name)
             out[f.name] = value if _is_json_scalar(value) else repr(value)
         return out
+
+
+def _is_pad(path: Any, value: Any) -> bool:
+    return isinstance(path, str) and isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_json_scalar(value: Any) -> bool:

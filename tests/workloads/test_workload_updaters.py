@@ -68,7 +68,8 @@ def test_a_plain_module_state_needs_a_fresh_module_and_refuses_a_different_one(t
         retain.load_model(tmp_path / "s")
     other = ws.TwoInputNet()
     other.head = torch.nn.Linear(16, 5)
-    with pytest.raises(retain.StateError, match=r"tensor 'head\.(weight|bias)' is torch.float32 \(4(, 16)?,?\), the model needs torch.float32 \(5"):
+    shapes = r"tensor 'head\.(weight|bias)' is torch.float32 \(4(, 16)?,?\), the model needs torch.float32 \(5"
+    with pytest.raises(retain.StateError, match=shapes):
         retain.load_model(tmp_path / "s", model=other)
     with pytest.raises(retain.StateError, match=r"holds a TwoInputNet .* model given is a Linear"):
         retain.load_model(tmp_path / "s", model=torch.nn.Linear(12, 4))
