@@ -133,8 +133,8 @@ def pod_loss(
     """Mean over layers of the mean over samples of ||pool(current) - pool(stored)||_2."""
     if not current:
         raise ValueError(
-            "POD needs intermediate representations, but the model exposes none: append the features of "
-            "the layers to distil to self._intermediate_representation_cache in get_features"
+            "POD needs intermediate representations, but the model exposes none: name the layers to distil "
+            "with the option feature_layers=[...] (submodule names)"
         )
     if len(current) != len(stored):
         raise ValueError(f"POD: the model exposes {len(current)} layers but the memory stores {len(stored)}")
