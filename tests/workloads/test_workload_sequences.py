@@ -44,7 +44,8 @@ def pad_collate(items: list[dict]) -> dict[str, Tensor]:
     ids = torch.full((len(items), longest), PAD, dtype=torch.long)
     for row, item in enumerate(items):
         ids[row, : len(item["input_ids"])] = item["input_ids"]
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": torch.tensor([i["labels"] for i in items])}
+    labels = torch.tensor([item["labels"] for item in items])
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
 
 
 class MaskedMeanClassifier(nn.Module):
@@ -112,7 +113,7 @@ def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tm
         for row in range(len(restored)):
             ids_row, mask_row = inputs["input_ids"][row], inputs["attention_mask"][row]
             alone = ids_row[mask_row.bool()]
-            expected = again.model(nested.index({"input_ids": alone[None], "attention_mask": torch.ones_like(alone)[None]},
-                                                slice(None)))  # fmt: skip
+            item = {"input_ids": alone[None], "attention_mask": torch.ones_like(alone)[None]}
+            expected = nested.call_model(again.model, item)
             torch.testing.assert_close(metadata["logits"][row : row + 1], expected, rtol=1e-5, atol=1e-6)
     assert bool((inputs["attention_mask"].sum(1) == 3).any()), "short items entered the memory"
