@@ -16,7 +16,6 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 import retain
-from retain import nested
 
 PAD = 7  # a pad token id other than 0: the memory and the join must use the declared pad value
 
