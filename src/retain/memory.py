@@ -1,32 +1,145 @@
-"""A reservoir memory that lives on the training device.
+"""A reservoir memory of nested inputs, on the training device or in host memory.
 
-Storage is preallocated tensors (inputs, targets and named metadata columns such as stored
-logits or intermediate features); adding a batch, sampling and refreshing metadata are a few
-tensor operations with no per-item Python loop, no host/device copies and no host syncs.
+Storage is one tensor column per input leaf (see ``retain.nested``), a 1-D int64 target column
+and named metadata columns (stored logits, pooled features). Adding a batch, sampling and
+refreshing metadata are a few tensor operations with no per-item Python loop and no host syncs.
+
+- **Growing storage.** Columns start small and double (up to ``memory_size + 1`` rows) as items
+  arrive, so 1,000 items in a 200k memory cost 1,000 items of memory, not 200k.
+- **Variable-length leaves.** A leaf longer than its column in a non-batch dim (a batch padded
+  to its longest sequence) grows the column along that dim, filled with the leaf's pad value; a
+  shorter leaf is padded on write. Sampled leaves come at the column's length; join them with a
+  new batch through ``nested.cat([new, replayed], memory.pad_values)``.
+- **Sampling in O(k).** ``sample(k)`` draws k distinct slots uniformly with a vectorised Floyd
+  algorithm whose cost does not depend on how many items the memory holds.
+- **Host memory.** ``memory_device='cpu'`` or ``'pinned'`` keeps the columns in host memory
+  (page-locked with ``'pinned'`` when CUDA is available); only sampled batches are copied to the
+  training device, asynchronously from pinned memory.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import math
+import re
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 from torch import Tensor
 
+from retain import nested
+from retain.nested import NestedTensors
+
+MEMORY_DEVICES = ("same", "cpu", "pinned")
+INITIAL_ROWS = 64  # first allocation (rows); storage then doubles up to memory_size + 1
+FLOYD_MIN_ITEMS = 2048  # below this many items a whole randperm is cheaper than Floyd's fixed op count
+_INT64_MAX = 2**63 - 1
+_DTYPES = {
+    str(d).removeprefix("torch."): d
+    for d in (
+        torch.float16, torch.bfloat16, torch.float32, torch.float64, torch.uint8, torch.int8,
+        torch.int16, torch.int32, torch.int64, torch.bool,
+    )
+}  # fmt: skip
+_NAME = re.compile(r"^[A-Za-z0-9_]+$")
+
 
 @dataclass
 class MemoryBatch:
-    """Items drawn from the memory: their slot ``indices`` (to refresh metadata in place),
-    model-ready ``inputs``/``targets`` (buffer transforms applied) and their ``metadata``."""
+    """Items drawn from the memory: their slot ``indices`` (on the memory's storage device, to
+    refresh metadata in place), model-ready ``inputs``/``targets`` on the training device (buffer
+    transforms applied) and their ``metadata``."""
 
     indices: Tensor
-    inputs: Tensor
+    inputs: NestedTensors
     targets: Tensor
     metadata: dict[str, Tensor] = field(default_factory=dict)
 
     def __len__(self) -> int:
         return self.indices.shape[0]
+
+
+# --------------------------------------------------------------------------------- sampling
+def floyd_resolve(t: Tensor, n: int, jumps: int | None = None) -> Tensor:
+    """Floyd's k distinct outputs from its independent draws ``t`` (``t[..., i]`` uniform in [0, n-k+i]).
+
+    Sequentially, step i adds ``j_i = n-k+i`` if ``t_i`` is already an output, else ``t_i``. The
+    step collides iff ``t_i`` equals an earlier draw (``dup_i``) or ``t_i = j_p`` for an earlier
+    step ``p = t_i - (n-k)`` that itself collided. So each step points to a "collided" sentinel
+    when ``dup_i``, else to step ``p`` (to itself when ``p = i``, to a "free" sentinel when there
+    is no such step), and ``ceil(log2 k)`` pointer-jumping steps resolve every chain (a chain
+    visits at most k steps); ``jumps`` overrides that count (only to test a biased variant).
+    Leading dims of ``t`` are independent draws (one call resolves many samples, for tests).
+    """
+    k = t.shape[-1]
+    base = n - k
+    dup = (t.unsqueeze(-1) == t.unsqueeze(-2)).tril_(-1).any(-1)  # t_i equals some t_m, m < i
+    # Positions: 0 = free sentinel, 1..k = steps 0..k-1, k+1 = collided sentinel.
+    pointer = (t - (base - 1)).clamp_(min=0).masked_fill_(dup, k + 1)
+    ends = _sentinels(k, t.device).expand(*t.shape[:-1], 2)
+    pointer = torch.cat((ends[..., :1], pointer, ends[..., 1:]), dim=-1)
+    for _ in range((k - 1).bit_length() if jumps is None else jumps):  # ceil(log2 k) for k >= 1
+        pointer = pointer.gather(-1, pointer)
+    return torch.where(pointer[..., 1:-1] == k + 1, _steps(n, k, t.device), t)
+
+
+_CACHE: dict[tuple[str, int, int, torch.device], Tensor] = {}
+
+
+def _cached(kind: str, a: int, b: int, device: torch.device, build: Callable[[], Tensor]) -> Tensor:
+    key = (kind, a, b, device)
+    value = _CACHE.get(key)
+    if value is None:
+        if len(_CACHE) > 256:  # a few (n, k) pairs are live at a time; the fill phase makes more
+            _CACHE.clear()
+        value = _CACHE[key] = build()
+    return value
+
+
+def _sentinels(k: int, device: torch.device) -> Tensor:
+    return _cached("ends", k, 0, device, lambda: torch.tensor([0, k + 1], device=device))
+
+
+def _steps(n: int, k: int, device: torch.device) -> Tensor:
+    """``j_i = n - k + i``, Floyd's candidates (int64)."""
+    return _cached("j", n, k, device, lambda: torch.arange(n - k, n, device=device))
+
+
+def sample_without_replacement(
+    n: int, k: int, generator: torch.Generator, device: torch.device | str | None = None
+) -> Tensor:
+    """``k`` distinct indices drawn uniformly from ``range(n)`` in uniformly random order.
+
+    Cost O(k^2) elementwise in one kernel and O(k log k) otherwise, independent of ``n``
+    (vectorised Floyd, ``floyd_resolve``), with no host sync: ``n`` and ``k`` are Python ints.
+    Below ``FLOYD_MIN_ITEMS`` items (or for ``k == n``) a whole ``randperm(n)`` costs less than
+    Floyd's fixed number of tensor ops and is used instead.
+    """
+    if not 0 <= k <= n:
+        raise ValueError(f"cannot draw {k} distinct items out of {n}")
+    device = torch.device(device) if device is not None else generator.device
+    if n < FLOYD_MIN_ITEMS or k == n:
+        perm = torch.randperm(n, device=device, generator=generator)
+        return perm if k == n else perm[:k]
+    bounds = _cached("j+1", n, k, device, lambda: torch.arange(n - k + 1, n + 1, dtype=torch.float64, device=device))
+    u = torch.rand(k, dtype=torch.float64, device=device, generator=generator)
+    t = u.mul_(bounds).long()  # uniform in {0, ..., j_i}: truncation is floor as u * (j_i + 1) >= 0
+    chosen = floyd_resolve(t, n)
+    return chosen[torch.randperm(k, device=device, generator=generator)]  # a uniform order too
+
+
+# --------------------------------------------------------------------------------- the memory
+def _input_key(path: str) -> str:
+    return f"inputs.{path}" if path else "inputs"
+
+
+def _dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).removeprefix("torch.")
+
+
+def _where(path: str) -> str:
+    return f"input leaf {path!r}" if path else "inputs"
 
 
 class ReservoirMemory:
@@ -39,7 +152,16 @@ class ReservoirMemory:
     item seen is in memory with probability memory_size / seen.
 
     Storage has one spare row past ``memory_size`` where rejected items are written, which keeps
-    the write free of data-dependent shapes (and thus of host syncs on a GPU).
+    the write free of data-dependent shapes (and thus of host syncs on a GPU). It grows
+    geometrically from ``INITIAL_ROWS`` rows (``preallocate=True`` allocates all
+    ``memory_size + 1`` rows at the first write instead); growth changes no stored bit and no draw.
+
+    ``memory_device``: ``'same'`` keeps the columns on ``device``; ``'cpu'`` keeps them in host
+    memory; ``'pinned'`` in page-locked host memory when CUDA is available (plain host memory
+    otherwise). In host modes slots are drawn on the host, sampled batches are copied to ``device``
+    with ``non_blocking=True``, and a write copies the new batch to the host (waiting for it).
+    ``pad_values`` maps input leaf paths to the value variable-length leaves are padded with
+    (default 0).
     """
 
     def __init__(
@@ -47,20 +169,33 @@ class ReservoirMemory:
         memory_size: int,
         device: torch.device | str = "cpu",
         seed: int = 0,
-        transform: Callable[[Tensor], Tensor] | None = None,
+        transform: Callable[[Any], Any] | None = None,
         target_transform: Callable[[Tensor], Tensor] | None = None,
+        *,
+        memory_device: str = "same",
+        pad_values: Mapping[str, float] | None = None,
+        preallocate: bool = False,
     ) -> None:
         if isinstance(memory_size, bool) or not isinstance(memory_size, int) or memory_size < 0:
             raise ValueError(f"memory_size must be an integer >= 0, got {memory_size!r}")
+        if memory_device not in MEMORY_DEVICES:
+            raise ValueError(f"memory_device must be one of {', '.join(MEMORY_DEVICES)}, got {memory_device!r}")
         self.memory_size = memory_size
         self.device = torch.device(device)
+        self.memory_device = memory_device
+        self.storage_device = self.device if memory_device == "same" else torch.device("cpu")
+        self._pin = memory_device == "pinned" and torch.cuda.is_available()
+        self._host = self.storage_device != self.device
+        self.pad_values = _check_pad_values(pad_values or {}, "pad_values")
+        self.preallocate = bool(preallocate)
         self.transform = transform
         self.target_transform = target_transform
         self.seen = 0
-        self.inputs: Tensor | None = None
+        self.structure: Any = None  # nested.structure of the stored inputs, None until the first write
+        self.columns: dict[str, Tensor] = {}  # one column per input leaf path
         self.targets: Tensor | None = None
         self.metadata: dict[str, Tensor] = {}
-        self.generator = torch.Generator(device=self.device)
+        self.generator = torch.Generator(device=self.storage_device)
         self.generator.manual_seed(int(seed))
         self._orders: dict[int, Tensor] = {}  # arange(n) per batch size, reused by every write
         self._last_writer: Tensor | None = None  # scratch of reservoir_slots (never read before written)
@@ -68,29 +203,92 @@ class ReservoirMemory:
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
 
-    # ----------------------------------------------------------------------------- writing
-    def _allocate(self, inputs: Tensor, targets: Tensor, metadata: dict[str, Tensor]) -> None:
-        rows = self.memory_size + 1
-        self.inputs = torch.zeros((rows, *inputs.shape[1:]), dtype=inputs.dtype, device=self.device)
-        self.targets = torch.zeros((rows, *targets.shape[1:]), dtype=targets.dtype, device=self.device)
-        for name, value in metadata.items():
-            self.metadata[name] = torch.zeros((rows, *value.shape[1:]), dtype=value.dtype, device=self.device)
+    @property
+    def capacity(self) -> int:
+        """Rows allocated now (``memory_size + 1`` once full)."""
+        return 0 if self.targets is None else self.targets.shape[0]
 
-    def _check_compatible(self, inputs: Tensor, targets: Tensor, metadata: dict[str, Tensor]) -> None:
-        assert self.inputs is not None and self.targets is not None
-        n = inputs.shape[0]
+    @property
+    def inputs(self) -> NestedTensors | None:
+        """The input columns (all allocated rows) in the stored structure; None while empty."""
+        if self.structure is None:
+            return None
+        if self.structure == "tensor":
+            return self.columns[""]
+        return nested.unflatten(self.structure, self.columns)
+
+    def _pad(self, path: str) -> float:
+        return self.pad_values.get(path, 0)
+
+    # ----------------------------------------------------------------------------- storage
+    def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype, fill: float = 0) -> Tensor:
+        return torch.full(shape, fill, dtype=dtype, device=self.storage_device, pin_memory=self._pin)
+
+    def _rows_for(self, rows: int) -> int:
+        """The capacity to hold ``rows`` rows: geometric growth from INITIAL_ROWS, capped at M + 1."""
+        cap = self.memory_size + 1
+        if self.preallocate:
+            return cap
+        new = max(self.capacity, min(INITIAL_ROWS, cap))
+        while new < rows:
+            new = min(2 * new, cap)
+        return new
+
+    def _ensure_rows(self, rows: int) -> None:
+        if rows <= self.capacity:
+            return
+        new_rows, filled = self._rows_for(rows), len(self)
+
+        def grow(column: Tensor, fill: float) -> Tensor:
+            out = self._alloc((new_rows, *column.shape[1:]), column.dtype, fill)
+            out[:filled] = column[:filled]
+            return out
+
+        self.columns = {p: grow(c, self._pad(p)) for p, c in self.columns.items()}
+        assert self.targets is not None
+        self.targets = grow(self.targets, 0)
+        self.metadata = {name: grow(c, 0) for name, c in self.metadata.items()}
+
+    def _grow_leaf(self, path: str, shape: tuple[int, ...]) -> None:
+        """Widens column ``path`` to per-item ``shape`` (each dim >= the current), padding with its value."""
+        column = self.columns[path]
+        out = self._alloc((column.shape[0], *shape), column.dtype, self._pad(path))
+        out[(slice(None), *(slice(0, s) for s in column.shape[1:]))] = column
+        self.columns[path] = out
+
+    def _start(self, flat: dict[str, Tensor], struct: Any, metadata: dict[str, Tensor]) -> None:
+        rows = self._rows_for(1)
+        for path, leaf in flat.items():
+            _check_pad_fits(path, self._pad(path), leaf.dtype)
+            self.columns[path] = self._alloc((rows, *leaf.shape[1:]), leaf.dtype, self._pad(path))
+        self.targets = self._alloc((rows,), torch.int64)
+        self.metadata = {name: self._alloc((rows, *v.shape[1:]), v.dtype) for name, v in metadata.items()}
+        self.structure = struct
+
+    # ----------------------------------------------------------------------------- writing
+    def _check_batch(
+        self, flat: dict[str, Tensor], struct: Any, n: int, targets: Tensor, metadata: dict[str, Tensor]
+    ) -> None:
+        if not isinstance(targets, Tensor) or targets.dim() != 1:
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(f"targets must be a 1-D tensor of class indices, got shape {shape}")
+        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+            raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
         if targets.shape[0] != n or any(v.shape[0] != n for v in metadata.values()):
             raise ValueError("inputs, targets and metadata must have the same number of items")
-        if inputs.shape[1:] != self.inputs.shape[1:] or inputs.dtype != self.inputs.dtype:
-            raise ValueError(
-                f"memory holds inputs of shape {tuple(self.inputs.shape[1:])} and dtype {self.inputs.dtype}, "
-                f"got {tuple(inputs.shape[1:])} {inputs.dtype}"
-            )
-        if targets.shape[1:] != self.targets.shape[1:] or targets.dtype != self.targets.dtype:
-            raise ValueError(
-                f"memory holds targets of shape {tuple(self.targets.shape[1:])} and dtype {self.targets.dtype}, "
-                f"got {tuple(targets.shape[1:])} {targets.dtype}"
-            )
+        if self.structure is None:
+            return
+        if struct != self.structure:
+            raise ValueError(f"memory holds inputs structured as {self.structure}, got {struct}")
+        for path, leaf in flat.items():
+            column = self.columns[path]
+            if leaf.dtype != column.dtype:
+                raise ValueError(f"memory holds {_where(path)} of dtype {column.dtype}, got {leaf.dtype}")
+            if leaf.dim() != column.dim():
+                raise ValueError(
+                    f"memory holds {_where(path)} of per-item shape {tuple(column.shape[1:])}, "
+                    f"got {tuple(leaf.shape[1:])} (a different number of dims)"
+                )
         if set(metadata) != set(self.metadata):
             raise ValueError(f"memory metadata columns are {sorted(self.metadata)}, got {sorted(metadata)}")
         for name, value in metadata.items():
@@ -105,43 +303,63 @@ class ReservoirMemory:
         M = self.memory_size
         start = self.seen
         self.seen += n
+        device = self.storage_device
         if start + n <= M:
-            return torch.arange(start, start + n, device=self.device)
+            return torch.arange(start, start + n, device=device)
         # Few tensor ops on purpose: this runs at every training step.
         order = self._orders.get(n)
         if order is None:
-            order = self._orders[n] = torch.arange(n, device=self.device)
-        t = torch.arange(start + 1, start + n + 1, dtype=torch.float64, device=self.device)  # 1-based positions
-        u = torch.rand(n, dtype=torch.float64, device=self.device, generator=self.generator)
+            order = self._orders[n] = torch.arange(n, device=device)
+        t = torch.arange(start + 1, start + n + 1, dtype=torch.float64, device=device)  # 1-based positions
+        u = torch.rand(n, dtype=torch.float64, device=device, generator=self.generator)
         slots = u.mul_(t).long()  # uniform in {0, ..., t-1}: truncation is floor as u * t >= 0
         if start < M:  # the memory fills up within this batch
             slots = torch.where(t <= M, order + start, slots)
         slots.clamp_(max=M)
         # Later items win a slot they share with earlier ones, as in the sequential algorithm.
         if self._last_writer is None:
-            self._last_writer = torch.empty(M + 1, dtype=torch.long, device=self.device)
+            self._last_writer = torch.empty(M + 1, dtype=torch.long, device=device)
         last_writer = self._last_writer  # include_self=False: only the entries written here are read
         last_writer.scatter_reduce_(0, slots, order, reduce="amax", include_self=False)
         return slots.masked_fill_(last_writer[slots] != order, M)
 
     @torch.no_grad()
-    def add(self, inputs: Tensor, targets: Tensor, metadata: dict[str, Tensor] | None = None) -> Tensor:
-        """Offers a batch to the reservoir; returns the slot of each item (``memory_size`` = not kept)."""
+    def add(self, inputs: NestedTensors, targets: Tensor, metadata: dict[str, Tensor] | None = None) -> Tensor:
+        """Offers a batch to the reservoir; returns the slot of each item (``memory_size`` = not kept).
+
+        A refused batch (wrong structure, dtype, number of dims, item counts, metadata) raises
+        ValueError and leaves the memory untouched.
+        """
         metadata = metadata or {}
-        n = inputs.shape[0]
+        if isinstance(inputs, Tensor):
+            flat, struct = {"": inputs}, "tensor"
+        else:
+            flat, struct = nested.flatten(inputs), nested.structure(inputs)
+        n = nested.batch_size(inputs)
+        self._check_batch(flat, struct, n, targets, metadata)
         if self.memory_size == 0 or n == 0:
             self.seen += n
-            return torch.full((n,), self.memory_size, dtype=torch.long, device=self.device)
-        if self.inputs is None:
-            self._allocate(inputs, targets, metadata)
-        self._check_compatible(inputs, targets, metadata)
+            return torch.full((n,), self.memory_size, dtype=torch.long, device=self.storage_device)
+        if self.structure is None:
+            self._start(flat, struct, metadata)
+        for path, leaf in flat.items():
+            have = self.columns[path].shape[1:]
+            if any(a > b for a, b in zip(leaf.shape[1:], have, strict=True)):
+                self._grow_leaf(path, tuple(max(a, b) for a, b in zip(leaf.shape[1:], have, strict=True)))
+        self._ensure_rows(self.seen + n if self.seen + n <= self.memory_size else self.memory_size + 1)
         slots = self.reservoir_slots(n)
-        assert self.inputs is not None and self.targets is not None
-        self.inputs.index_copy_(0, slots, inputs.to(self.device))
-        self.targets.index_copy_(0, slots, targets.to(self.device))
+        storage = self.storage_device
+        for path, leaf in flat.items():
+            column = self.columns[path]
+            leaf = leaf.detach().to(storage)
+            if leaf.shape[1:] != column.shape[1:]:
+                leaf = nested.pad_to(leaf, {"": column.shape[1:]}, {"": self._pad(path)})
+            column.index_copy_(0, slots, leaf)
+        assert self.targets is not None
+        self.targets.index_copy_(0, slots, targets.to(storage, torch.int64))
         for name, value in metadata.items():
             column = self.metadata[name]
-            column.index_copy_(0, slots, value.detach().to(self.device, column.dtype))
+            column.index_copy_(0, slots, value.detach().to(storage, column.dtype))
         return slots
 
     # ----------------------------------------------------------------------------- reading
@@ -151,28 +369,39 @@ class ReservoirMemory:
         if filled == 0 or batch_size <= 0:
             return None
         k = min(batch_size, filled)
-        if k == filled:
-            indices = torch.randperm(filled, device=self.device, generator=self.generator)
-        else:
-            indices = torch.randperm(filled, device=self.device, generator=self.generator)[:k]
-        return self.get(indices)
+        return self.get(sample_without_replacement(filled, k, self.generator, self.storage_device))
+
+    def _gather(self, column: Tensor, indices: Tensor) -> Tensor:
+        if not self._host:
+            return column[indices]
+        if self._pin:  # gather into page-locked memory so that the copy to the device is asynchronous
+            out = torch.empty((indices.shape[0], *column.shape[1:]), dtype=column.dtype, pin_memory=True)
+            torch.index_select(column, 0, indices, out=out)
+            return out.to(self.device, non_blocking=True)
+        return column[indices].to(self.device, non_blocking=True)
 
     def get(self, indices: Tensor) -> MemoryBatch:
-        """The items at ``indices``, with the buffer transforms applied."""
-        assert self.inputs is not None and self.targets is not None
-        inputs = self.inputs[indices]
-        targets = self.targets[indices]
+        """The items at ``indices``, on the training device, with the buffer transforms applied."""
+        if self.targets is None:
+            raise ValueError("the memory is empty")
+        indices = indices.to(self.storage_device)
+        if self.structure == "tensor":
+            inputs: NestedTensors = self._gather(self.columns[""], indices)
+        else:
+            inputs = nested.unflatten(self.structure, {p: self._gather(c, indices) for p, c in self.columns.items()})
+        targets = self._gather(self.targets, indices)
         if self.transform is not None:
             inputs = self.transform(inputs)
         if self.target_transform is not None:
             targets = self.target_transform(targets)
-        return MemoryBatch(indices, inputs, targets, {k: v[indices] for k, v in self.metadata.items()})
+        return MemoryBatch(indices, inputs, targets, {k: self._gather(v, indices) for k, v in self.metadata.items()})
 
     @torch.no_grad()
     def update_metadata(self, name: str, indices: Tensor, values: Tensor, gamma: float = 0.0) -> None:
         """In place: ``metadata[name][indices] = gamma * old + (1 - gamma) * values``."""
         column = self.metadata[name]
-        values = values.detach().to(column.dtype)
+        values = values.detach().to(self.storage_device, column.dtype)
+        indices = indices.to(self.storage_device)
         if gamma == 0.0:
             column[indices] = values
         else:
@@ -183,52 +412,247 @@ class ReservoirMemory:
         filled = len(self)
         if values.shape[0] != filled:
             raise ValueError(f"metadata {name!r} needs {filled} rows, got {values.shape[0]}")
-        column = torch.zeros((self.memory_size + 1, *values.shape[1:]), dtype=values.dtype, device=self.device)
-        column[:filled] = values.detach().to(self.device)
+        if self.targets is None:
+            raise ValueError(f"metadata {name!r}: the memory is empty")
+        column = self._alloc((self.capacity, *values.shape[1:]), values.dtype)
+        column[:filled] = values.detach().to(self.storage_device)
         self.metadata[name] = column
 
-    def raw_items(self) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-        """The stored items as they were added (no transforms), filled slots only."""
+    def raw_items(self) -> tuple[NestedTensors, Tensor, dict[str, Tensor]]:
+        """The stored items as they were added (no transforms, padded to the columns' lengths), filled
+        slots only, on the storage device."""
         filled = len(self)
-        if self.inputs is None or self.targets is None:
+        if self.structure is None or self.targets is None:
             raise ValueError("the memory is empty")
-        return self.inputs[:filled], self.targets[:filled], {k: v[:filled] for k, v in self.metadata.items()}
+        flat = {p: c[:filled] for p, c in self.columns.items()}
+        inputs = flat[""] if self.structure == "tensor" else nested.unflatten(self.structure, flat)
+        return inputs, self.targets[:filled], {k: v[:filled] for k, v in self.metadata.items()}
 
     # ----------------------------------------------------------------------------- state
-    def state_dict(self) -> tuple[dict[str, Any], dict[str, Tensor]]:
-        """(JSON counters, tensors): contiguous CPU copies of the filled slots and the RNG state."""
+    def state_dict(self, copy: bool = True) -> tuple[dict[str, Any], dict[str, Tensor]]:
+        """(JSON description and counters, tensors): the filled slots as contiguous CPU tensors, one per
+        input leaf (``inputs`` / ``inputs.<path>``), ``targets``, ``metadata.<name>``, and the RNG state.
+
+        ``copy=False`` returns views of a host-memory column instead of copies (for a writer that
+        streams them to disk before the memory changes again); device columns are always copied.
+        """
         filled = len(self)
+
+        def out(column: Tensor) -> Tensor:
+            part = column[:filled].detach()
+            if part.device.type != "cpu":
+                return part.cpu().contiguous()
+            return part.clone() if copy else part.contiguous()
+
         tensors: dict[str, Tensor] = {"generator_state": self.generator.get_state().clone()}
-        if self.inputs is not None and self.targets is not None:
-            tensors["inputs"] = self.inputs[:filled].detach().cpu().contiguous().clone()
-            tensors["targets"] = self.targets[:filled].detach().cpu().contiguous().clone()
+        leaves: dict[str, Any] = {}
+        if self.structure is not None and self.targets is not None:
+            for path, column in self.columns.items():
+                tensors[_input_key(path)] = out(column)
+                leaves[path] = {"dtype": _dtype_name(column.dtype), "shape": list(column.shape[1:])}
+            tensors["targets"] = out(self.targets)
             for name, column in self.metadata.items():
-                tensors[f"metadata.{name}"] = column[:filled].detach().cpu().contiguous().clone()
-        meta = {"memory_size": self.memory_size, "seen": self.seen, "metadata_names": sorted(self.metadata)}
+                tensors[f"metadata.{name}"] = out(column)
+        meta = {
+            "memory_size": self.memory_size,
+            "seen": self.seen,
+            "metadata_names": sorted(self.metadata),
+            "input_structure": self.structure,
+            "input_leaves": leaves,
+            "pad_values": dict(sorted(self.pad_values.items())),
+        }
         return meta, tensors
 
-    def load_state_dict(self, meta: dict[str, Any], tensors: dict[str, Tensor]) -> None:
-        """Restores a state from ``state_dict``; the restored memory continues exactly as the original."""
-        if meta["memory_size"] != self.memory_size:
+    def load_state_dict(
+        self,
+        meta: dict[str, Any],
+        tensors: dict[str, Tensor],
+        *,
+        num_classes: int | None = None,
+        required_metadata: dict[str, tuple[int, ...] | None] | None = None,
+    ) -> None:
+        """Restores a state from ``state_dict``; the restored memory continues exactly as the original.
+
+        Everything is validated before anything changes; a ValueError names the field: the JSON
+        fields and their types, counters (``0 <= seen <= int64 max``, ``filled = min(seen,
+        memory_size)`` rows in every tensor), unknown or missing tensors, each input leaf's dtype and
+        per-item shape against ``input_leaves``, 1-D int64 targets in ``[0, num_classes)``, the
+        ``required_metadata`` columns (present, floating point, per-item shape as given unless None),
+        finite floating-point values, the generator state, and pad values equal to this memory's.
+        States written before nested inputs (no ``input_structure``) load as a single tensor.
+        """
+        plan = self._validate_state(meta, tensors, num_classes, required_metadata)
+        struct, leaves, pads, names, seen, filled = plan
+        generator = torch.Generator(device=self.storage_device)
+        try:
+            generator.set_state(tensors["generator_state"].cpu())
+        except RuntimeError:
             raise ValueError(
-                f"state holds a memory of size {meta['memory_size']}, this one has memory_size={self.memory_size}"
-            )
-        seen = int(meta["seen"])
-        filled = min(seen, self.memory_size)
-        names = list(meta["metadata_names"])
-        expected = {"generator_state"} | ({"inputs", "targets"} | {f"metadata.{n}" for n in names} if filled else set())
-        if set(tensors) != expected:
-            raise ValueError(f"memory state has tensors {sorted(tensors)}, expected {sorted(expected)}")
+                f"memory state: generator_state ({tensors['generator_state'].numel()} bytes) does not fit a "
+                f"{self.storage_device.type} generator"
+            ) from None
+        self.generator = generator
         self.seen = seen
-        self.inputs, self.targets, self.metadata = None, None, {}
+        self.pad_values = pads
+        self.structure, self.columns, self.targets, self.metadata = None, {}, None, {}
+        self._last_writer = None
+        if not filled:
+            return
+        rows = self._rows_for(filled if seen <= self.memory_size else self.memory_size + 1)
+
+        def column(value: Tensor, fill: float) -> Tensor:
+            out = self._alloc((rows, *value.shape[1:]), value.dtype, fill)
+            out[:filled] = value
+            return out
+
+        self.columns = {p: column(tensors[_input_key(p)], pads.get(p, 0)) for p in leaves}
+        self.targets = column(tensors["targets"], 0)
+        self.metadata = {n: column(tensors[f"metadata.{n}"], 0) for n in names}
+        self.structure = struct
+
+    def _validate_state(
+        self,
+        meta: Any,
+        tensors: Any,
+        num_classes: int | None,
+        required_metadata: dict[str, tuple[int, ...] | None] | None,
+    ) -> tuple[Any, list[str], dict[str, float], list[str], int, int]:
+        def fail(message: str) -> ValueError:
+            return ValueError(f"memory state: {message}")
+
+        if not isinstance(meta, dict):
+            raise fail(f"the description must be a JSON object, got {type(meta).__name__}")
+        known = {"memory_size", "seen", "metadata_names", "input_structure", "input_leaves", "pad_values"}
+        unknown = sorted(set(meta) - known)
+        if unknown:
+            raise fail(f"unknown field(s) {unknown}")
+        for key in ("memory_size", "seen", "metadata_names"):
+            if key not in meta:
+                raise fail(f"field {key!r} is missing")
+        for key in ("memory_size", "seen"):
+            if not isinstance(meta[key], int) or isinstance(meta[key], bool):
+                raise fail(f"{key} must be an integer, got {meta[key]!r}")
+        if meta["memory_size"] != self.memory_size:
+            raise fail(
+                f"the state holds a memory of size {meta['memory_size']}, this one has memory_size={self.memory_size}"
+            )
+        seen = meta["seen"]
+        if not 0 <= seen <= _INT64_MAX:
+            raise fail(f"seen must lie in [0, 2**63 - 1], got {seen}")
+        filled = min(seen, self.memory_size)
+        names = meta["metadata_names"]
+        if not isinstance(names, list) or not all(isinstance(n, str) and _NAME.match(n) for n in names):
+            raise fail(f"metadata_names must be a list of identifiers, got {names!r}")
+        if names != sorted(set(names)):
+            raise fail(f"metadata_names must be sorted and unique, got {names!r}")
+        pads = _check_pad_values(meta.get("pad_values", self.pad_values), "memory state: pad_values")
+        for path in sorted(set(pads) | set(self.pad_values)):
+            if pads.get(path, 0) != self.pad_values.get(path, 0):
+                raise fail(
+                    f"{_where(path)} was padded with {pads.get(path, 0)!r}, this memory pads it with "
+                    f"{self.pad_values.get(path, 0)!r}"
+                )
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise fail("tensors must be a dict of tensors")
+        state = tensors.get("generator_state")
+        if state is None or state.dtype != torch.uint8 or state.dim() != 1:
+            raise fail("generator_state must be a 1-D uint8 tensor")
+        # the inputs' structure and leaves
+        struct = meta.get("input_structure")
+        if struct is None and filled and "inputs" in tensors:
+            struct = "tensor"  # a state written before nested inputs
+        paths: list[str] = []
+        if struct is not None:
+            try:
+                paths = nested.structure_paths(struct)
+            except ValueError as err:
+                raise fail(f"input_structure: {err}") from None
+        elif filled:
+            raise fail("input_structure is missing")
+        leaves = meta.get("input_leaves")
+        if leaves is None:  # a state written before nested inputs: described by its tensors
+            leaves = {}
+            for p in paths:
+                if _input_key(p) in tensors:
+                    value = tensors[_input_key(p)]
+                    leaves[p] = {"dtype": _dtype_name(value.dtype), "shape": list(value.shape[1:])}
+        if not isinstance(leaves, dict) or (filled and sorted(leaves) != sorted(paths)):
+            described = sorted(leaves) if isinstance(leaves, dict) else leaves
+            raise fail(f"input_leaves must describe the leaves {paths}, got {described!r}")
+        expected = {"generator_state"}
         if filled:
-            for name in ["inputs", "targets", *[f"metadata.{n}" for n in names]]:
-                if tensors[name].shape[0] != filled:
-                    raise ValueError(f"memory tensor {name!r} has {tensors[name].shape[0]} rows, expected {filled}")
-            self._allocate(tensors["inputs"], tensors["targets"], {n: tensors[f"metadata.{n}"] for n in names})
-            assert self.inputs is not None and self.targets is not None
-            self.inputs[:filled] = tensors["inputs"].to(self.device)
-            self.targets[:filled] = tensors["targets"].to(self.device)
-            for n in names:
-                self.metadata[n][:filled] = tensors[f"metadata.{n}"].to(self.device)
-        self.generator.set_state(tensors["generator_state"].to(torch.uint8).cpu())
+            expected |= {_input_key(p) for p in paths} | {"targets"} | {f"metadata.{n}" for n in names}
+        unknown = sorted(set(tensors) - expected)
+        if unknown:
+            raise fail(f"unknown tensor(s) {unknown}")
+        missing = sorted(expected - set(tensors))
+        if missing:
+            raise fail(f"tensor(s) {missing} missing")
+        if not filled:
+            return struct if struct is not None else None, [], pads, [], seen, 0
+        for path in paths:
+            key, spec = _input_key(path), leaves[path]
+            if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
+                raise fail(f"input_leaves[{path!r}] must be {{'dtype', 'shape'}}, got {spec!r}")
+            dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+            shape = spec["shape"]
+            if dtype is None:
+                raise fail(f"input_leaves[{path!r}]: unknown dtype {spec['dtype']!r}")
+            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+                raise fail(f"input_leaves[{path!r}]: shape must be a list of sizes, got {shape!r}")
+            value = tensors[key]
+            if value.dtype != dtype or tuple(value.shape) != (filled, *shape):
+                raise fail(
+                    f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {(filled, *shape)}"
+                )
+        targets = tensors["targets"]
+        if targets.dtype != torch.int64 or targets.dim() != 1:
+            raise fail(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
+        if targets.shape[0] != filled:
+            raise fail(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
+        if num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+            raise fail(f"targets must lie in [0, {num_classes - 1}]")
+        for name in names:
+            value = tensors[f"metadata.{name}"]
+            if value.dim() == 0 or value.shape[0] != filled:
+                raise fail(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
+        for name, shape in (required_metadata or {}).items():
+            if name not in names:
+                raise fail(f"metadata column {name!r} is missing (the method needs it)")
+            value = tensors[f"metadata.{name}"]
+            if not value.dtype.is_floating_point:
+                raise fail(f"metadata column {name!r} must be floating point, got {value.dtype}")
+            if shape is not None and tuple(value.shape[1:]) != tuple(shape):
+                raise fail(
+                    f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
+                )
+        for key, value in tensors.items():
+            if value.dtype.is_floating_point and not _all_finite(value):
+                raise fail(f"tensor {key!r} contains NaN or Inf")
+        return struct, paths, pads, list(names), seen, filled
+
+
+def _all_finite(value: Tensor, chunk_bytes: int = 64 << 20) -> bool:
+    """``isfinite(value).all()`` in chunks of rows (no temporary the size of a large memory)."""
+    if value.numel() == 0:
+        return True
+    rows = max(1, chunk_bytes // max(1, value[0].numel() * value.element_size()))
+    return all(bool(torch.isfinite(part).all()) for part in value.split(rows))
+
+
+def _check_pad_values(values: Any, where: str) -> dict[str, float]:
+    if not isinstance(values, Mapping):
+        raise ValueError(f"{where} must map input leaf paths to numbers, got {type(values).__name__}")
+    out = {}
+    for path, value in values.items():
+        if not isinstance(path, str):
+            raise ValueError(f"{where}: leaf path {path!r} must be a string")
+        if isinstance(value, bool) or not isinstance(value, int | float) or not math.isfinite(value):
+            raise ValueError(f"{where}: pad value of {_where(path)} must be a finite number, got {value!r}")
+        out[path] = value
+    return out
+
+
+def _check_pad_fits(path: str, value: float, dtype: torch.dtype) -> None:
+    if not dtype.is_floating_point and dtype != torch.bool and float(value) != int(value):
+        raise ValueError(f"pad value {value!r} of {_where(path)} does not fit its dtype {dtype}")

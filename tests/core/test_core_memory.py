@@ -287,8 +287,8 @@ def test_wrong_shapes_are_rejected() -> None:
     memory = ReservoirMemory(4)
     memory.add(torch.zeros(2, 3), torch.zeros(2, dtype=torch.long), {"logits": torch.zeros(2, 5)})
     ok_targets, ok_meta = torch.zeros(2, dtype=torch.long), {"logits": torch.zeros(2, 5)}
-    with pytest.raises(ValueError, match="shape"):
-        memory.add(torch.zeros(2, 4), ok_targets, ok_meta)  # per-item input shape
+    with pytest.raises(ValueError, match=r"per-item shape \(3,\), got \(3, 1\) \(a different number of dims\)"):
+        memory.add(torch.zeros(2, 3, 1), ok_targets, ok_meta)  # a longer leaf grows its column, more dims do not
     with pytest.raises(ValueError, match="dtype"):
         memory.add(torch.zeros(2, 3, dtype=torch.float64), ok_targets, ok_meta)
     with pytest.raises(ValueError, match="number of items"):
@@ -299,6 +299,8 @@ def test_wrong_shapes_are_rejected() -> None:
         memory.add(torch.zeros(2, 3), ok_targets, {"logits": torch.zeros(2, 6)})
     with pytest.raises(ValueError, match="metadata"):
         memory.add(torch.zeros(2, 3), ok_targets, {})
-    with pytest.raises(ValueError, match="target"):
+    with pytest.raises(ValueError, match="targets must be a 1-D tensor"):
         memory.add(torch.zeros(2, 3), torch.zeros(2, 2, dtype=torch.long), ok_meta)  # per-item target shape
+    with pytest.raises(ValueError, match="targets must be integer class indices"):
+        memory.add(torch.zeros(2, 3), torch.zeros(2), ok_meta)
     assert memory.seen == 2  # rejected batches leave the memory untouched

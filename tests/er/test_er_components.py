@@ -16,7 +16,7 @@ from retain.learners.components import (
     WeightedMeanSquaredErrorLossComponent,
     WeightedPooledOutputDistillationLossComponent,
     ema_update,
-    feature_name,
+    pod_feature_name,
     pod_loss,
     pod_pool,
 )
@@ -114,7 +114,8 @@ def test_pod_loss_normalised_by_hand_and_averaged_over_layers() -> None:
 def test_pod_component_is_weight_times_pod_loss() -> None:
     component = WeightedPooledOutputDistillationLossComponent(0.25, True, distillation_type="spatial", normalize=0)
     stored = torch.tensor([[[[1.0, 0.0], [0.0, 0.0]]]])
-    batch = memory_batch(torch.zeros(1, 1), torch.tensor([0]), **{feature_name(0): stored})
+    stored_pooled = pod_pool(stored, "spatial")  # the memory keeps the pooled vector, not the map
+    batch = memory_batch(torch.zeros(1, 1), torch.tensor([0]), **{pod_feature_name(0, "spatial"): stored_pooled})
     value = component.loss(torch.zeros(1, 2), batch, [H_MAP])
     assert value.item() == pytest.approx(0.25 * math.sqrt(1122), rel=1e-6)
 

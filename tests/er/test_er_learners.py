@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
-from retain.learners.components import feature_name, pod_loss
+from retain.learners.components import pod_feature_name, pod_loss_pooled
 from retain.memory import MemoryBatch
 from retain.methods.er import (
     BaseExperienceReplayLearner,
@@ -230,7 +230,8 @@ def test_super_er_loss_is_the_weighted_sum_of_its_parts(normalization: int) -> N
         model(b3.inputs)
         features = model.get_intermediate_representation()
         assert len(features) == 2
-        pod = pod_loss(features, [b3.metadata[feature_name(i)] for i in range(2)], "spatial", normalize=True)
+        stored = [b3.metadata[pod_feature_name(i, "spatial")] for i in range(2)]  # pooled when stored
+        pod = pod_loss_pooled(features, stored, "spatial", normalize=True)
     parts = [ce_new, mse, ce_memory, consistency, pod]
     assert all(p.item() > 1e-6 for p in parts)  # each part matters: leaving one out would fail
     w = list(weights.values())
@@ -303,7 +304,7 @@ def test_pod_is_live_and_reaches_the_backbone(backbone: str) -> None:
         model=model, optimizer=SGD, memory_size=64, alpha=1.0, batch_size=8, memory_batch_size=8, seed=0
     )
     run_update(learner, make_data(24, shape, [0, 1], seed=1))
-    assert sorted(learner.memory.metadata) == sorted(feature_name(i) for i in range(layers))
+    assert sorted(learner.memory.metadata) == sorted(pod_feature_name(i, "spatial") for i in range(layers))
     start_update(learner, make_data(16, shape, [2], seed=2))
     component = learner._components["pod_loss"]
     terms: list[Tensor] = []

@@ -30,7 +30,7 @@ class Component:
     """Base component: no loss, no action. Subclasses override what they need."""
 
     needs_logits = False  # store the current logits in memory metadata
-    needs_features = False  # store the intermediate representations in memory metadata
+    needs_features = False  # store (what memory_features makes of) the intermediate representations
 
     def __init__(self, weight: float = 0.0, sample_new_memory_batch: bool = False) -> None:
         self.weight = float(weight)
@@ -50,6 +50,15 @@ class Component:
     def served_model(self) -> nn.Module | None:
         """A model this component wants served instead of the working model (CLS-ER's stable copy)."""
         return None
+
+    def memory_features(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """Metadata columns this component needs stored for new items, from their intermediate
+        representations (detached); refreshed by the EMA like the stored logits."""
+        return {}
+
+    def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
+        """Columns of ``memory_features`` that a loaded memory must hold (None: any per-item shape)."""
+        return {}
 
     def on_model_update_start(self, model: nn.Module, task_id: str) -> None:
         pass
@@ -127,28 +136,53 @@ def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
     raise ValueError(f"distillation_type {distillation_type!r} unknown; choose one of {', '.join(POD_TYPES)}")
 
 
-def pod_loss(
-    current: list[Tensor], stored: list[Tensor], distillation_type: str = "spatial", normalize: bool = True
+def pod_feature_name(i: int, distillation_type: str) -> str:
+    """Memory metadata column of layer ``i``'s pooled representation (the type is part of the name,
+    so a state pooled for another ``distillation_type`` is refused as missing its columns)."""
+    return f"pod_{distillation_type}_{i}"
+
+
+def pod_loss_pooled(
+    current: list[Tensor], stored_pooled: list[Tensor], distillation_type: str = "spatial", normalize: bool = True
 ) -> Tensor:
-    """Mean over layers of the mean over samples of ||pool(current) - pool(stored)||_2."""
+    """``pod_loss`` against stored representations that are already ``pod_pool``-ed (what the memory keeps)."""
     if not current:
         raise ValueError(
             "POD needs intermediate representations, but the model exposes none: name the layers to distil "
             "with the option feature_layers=[...] (submodule names)"
         )
-    if len(current) != len(stored):
-        raise ValueError(f"POD: the model exposes {len(current)} layers but the memory stores {len(stored)}")
+    if len(current) != len(stored_pooled):
+        raise ValueError(f"POD: the model exposes {len(current)} layers but the memory stores {len(stored_pooled)}")
     total = current[0].new_zeros((), dtype=torch.float32)
-    for h_cur, h_old in zip(current, stored, strict=True):
-        a, b = pod_pool(h_cur, distillation_type), pod_pool(h_old, distillation_type)
+    for h_cur, b in zip(current, stored_pooled, strict=True):
+        a = pod_pool(h_cur, distillation_type)
+        if a.shape != b.shape:
+            raise ValueError(
+                f"POD: a layer pools to {tuple(a.shape[1:])} values per item, the memory stores {tuple(b.shape[1:])}"
+            )
         if normalize:
             a, b = F.normalize(a, dim=1, p=2), F.normalize(b, dim=1, p=2)
         total = total + torch.linalg.vector_norm(a - b, dim=1).mean()
     return total / len(current)
 
 
+def pod_loss(
+    current: list[Tensor], stored: list[Tensor], distillation_type: str = "spatial", normalize: bool = True
+) -> Tensor:
+    """Mean over layers of the mean over samples of ||pool(current) - pool(stored)||_2 (raw feature maps)."""
+    if not current:
+        return pod_loss_pooled(current, [], distillation_type, normalize)  # raises: the model exposes none
+    return pod_loss_pooled(current, [pod_pool(h, distillation_type) for h in stored], distillation_type, normalize)
+
+
 class WeightedPooledOutputDistillationLossComponent(Component):
-    """``weight * POD`` between the current and the stored intermediate representations."""
+    """``weight * POD`` between the current and the stored intermediate representations.
+
+    The memory keeps what the loss compares, ``pod_pool(h, distillation_type)`` of each layer
+    (for ``spatial`` a C x (H + W) vector instead of the C x H x W map), so the loss equals the
+    raw-map computation exactly; the EMA refresh (``ema_memory_update_gamma``) averages these
+    pooled vectors.
+    """
 
     needs_features = True
 
@@ -165,15 +199,25 @@ class WeightedPooledOutputDistillationLossComponent(Component):
         self.distillation_type = distillation_type
         self.normalize = bool(normalize)
 
+    def memory_features(self, features: list[Tensor]) -> dict[str, Tensor]:
+        """The metadata columns to store for new items: each layer's pooled representation."""
+        return {
+            pod_feature_name(i, self.distillation_type): pod_pool(f, self.distillation_type)
+            for i, f in enumerate(features)
+        }
+
+    def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
+        return {pod_feature_name(0, self.distillation_type): None}  # the layer count shows in a forward pass
+
     def loss(
         self, outputs_memory: Tensor, batch_memory: MemoryBatch, intermediate_representation_memory: list[Tensor]
     ) -> Tensor:
         stored = [
-            batch_memory.metadata[feature_name(i)]
+            batch_memory.metadata[pod_feature_name(i, self.distillation_type)]
             for i in range(len(intermediate_representation_memory))
-            if feature_name(i) in batch_memory.metadata
+            if pod_feature_name(i, self.distillation_type) in batch_memory.metadata
         ]
-        return self.weight * pod_loss(
+        return self.weight * pod_loss_pooled(
             intermediate_representation_memory, stored, self.distillation_type, self.normalize
         )
 

@@ -29,7 +29,6 @@ from retain.learners.components import (
     WeightedCustomLossComponent,
     WeightedMeanSquaredErrorLossComponent,
     WeightedPooledOutputDistillationLossComponent,
-    feature_name,
 )
 from retain.memory import MemoryBatch
 from retain.models.base import ContinualModel
@@ -68,7 +67,8 @@ class BaseExperienceReplayLearner(ReplayLearner):
         self.loss_normalization = int(loss_normalization)
         self._loss_components = [c for c in self._components.values() if c.is_loss]
         self._store_logits = any(c.needs_logits for c in self._components.values())
-        self._store_features = any(c.needs_features for c in self._components.values())
+        self._feature_components = [c for c in self._components.values() if c.needs_features]
+        self._store_features = bool(self._feature_components)
         self._step_new: tuple[Tensor, Tensor, Tensor | None, list[Tensor]] | None = None
         self._replayed: list[tuple[MemoryBatch, Tensor, list[Tensor]]] = []
 
@@ -149,10 +149,17 @@ class BaseExperienceReplayLearner(ReplayLearner):
         if self._store_logits:
             assert logits is not None
             metadata[LOGITS] = logits.float()
-        if self._store_features:
-            for i, f in enumerate(features):
-                metadata[feature_name(i)] = f.float()
+        for component in self._feature_components:  # POD: pooled vectors, not the raw maps
+            metadata.update(component.memory_features(features))
         return metadata
+
+    def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
+        """Metadata columns a loaded memory must hold for this learner (None: any per-item shape);
+        passed to ``ReservoirMemory.load_state_dict`` when a state folder is read."""
+        required: dict[str, tuple[int, ...] | None] = {LOGITS: None} if self._store_logits else {}
+        for component in self._feature_components:
+            required.update(component.required_memory_metadata())
+        return required
 
     def _refresh_metadata(self, indices: Tensor, logits: Tensor, features: list[Tensor]) -> None:
         gamma = self.ema_memory_update_gamma

@@ -29,8 +29,6 @@ from retain.state import (
     StateError,
     StateFolder,
     check_json_like,
-    check_memory_json,
-    check_memory_tensors,
     check_model_weights,
     check_tensors_roundtrip,
     lock_output_folder,
@@ -170,16 +168,14 @@ class ModelUpdater:
         memory = self.learner.memory_for_state()
         if memory is None:
             return
-        meta, memory_path = state.json("memory.json"), state.path / "memory.json"
-        check_memory_json(meta, memory.memory_size, memory_path)
-        memory_tensors = state.tensors("memory.safetensors")
-        num_classes = int(getattr(self.model, "num_outputs", 0))
-        check_memory_tensors(memory_tensors, num_classes, state.path / "memory.safetensors")
+        # The memory validates its own format (fields, dtypes, shapes, counters, columns, finiteness).
+        meta, memory_tensors = state.json("memory.json"), state.tensors("memory.safetensors")
+        num_classes = int(getattr(self.model, "num_outputs", 0)) or None
+        required = getattr(self.learner, "required_memory_metadata", dict)()
         try:
-            memory.load_state_dict(meta, memory_tensors)
-        except (KeyError, ValueError, TypeError, RuntimeError) as err:
-            raise StateError(f"{state.path / 'memory.safetensors'}: memory state does not fit: {err!r}") from None
-        check_tensors_roundtrip(memory_tensors, memory.state_dict()[1], state.path / "memory.safetensors")
+            memory.load_state_dict(meta, memory_tensors, num_classes=num_classes, required_metadata=required)
+        except ValueError as err:
+            raise StateError(f"{state.path / 'memory.safetensors'}: {err}") from None
 
     def load_resume_state(self, state: StateFolder) -> None:
         """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
