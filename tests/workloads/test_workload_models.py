@@ -44,10 +44,11 @@ def test_pod_distils_the_hooked_feature_maps_of_a_plain_cnn(tmp_path, monkeypatc
     updater = _pod(PlainCNN(), feature_layers=["conv1", "conv2.1"], output_state_folder=tmp_path / "s")
     updater.update(_images(0))
     memory = updater.learner.memory
-    assert memory.metadata["intermediate_representation_0"].shape[1:] == (4, 8, 8)  # conv1's output
-    assert memory.metadata["intermediate_representation_1"].shape[1:] == (6, 4, 4)  # conv2's ReLU
+    # the pooled vectors of the hooked layers: spatial POD of (C, H, W) keeps C*W + C*H values
+    assert memory.metadata["pod_spatial_0"].shape[1:] == (4 * 8 + 4 * 8,)  # conv1's output (4, 8, 8)
+    assert memory.metadata["pod_spatial_1"].shape[1:] == (6 * 4 + 6 * 4,)  # conv2's ReLU (6, 4, 4)
     losses = []
-    real = components.pod_loss
+    real = components.pod_loss_pooled
 
     def spy(current, stored, *args):
         assert [tuple(t.shape[1:]) for t in current] == [(4, 8, 8), (6, 4, 4)]
@@ -55,7 +56,7 @@ def test_pod_distils_the_hooked_feature_maps_of_a_plain_cnn(tmp_path, monkeypatc
         losses.append(float(value.detach()))
         return value
 
-    monkeypatch.setattr(components, "pod_loss", spy)
+    monkeypatch.setattr(components, "pod_loss_pooled", spy)
     torch.manual_seed(1)
     again = _pod(PlainCNN(), feature_layers=["conv1", "conv2.1"], input_state_folder=tmp_path / "s")
     again.update(_images(1))

@@ -43,10 +43,9 @@ def test_every_updater_takes_nested_inputs_and_its_state_continues_in_a_new_proc
             record.update({f"memory.metadata.{k}": v.clone() for k, v in metadata.items()})
         parent[method] = record
     # POD's features come from the hooked submodules, one column per layer
-    pod_memory = parent["pod"]
-    assert pod_memory["memory.metadata.intermediate_representation_0"].shape[1:] == (16,)
-    assert {"memory.metadata.intermediate_representation_0", "memory.metadata.intermediate_representation_1",
-            "memory.metadata.logits"} <= set(parent["super"])  # fmt: skip
+    assert parent["pod"]["memory.metadata.pod_flat_0"].shape[1:] == (16,)  # the output of `body`
+    super_columns = {"memory.metadata.pod_flat_0", "memory.metadata.pod_flat_1", "memory.metadata.logits"}
+    assert super_columns <= set(parent["super"])
 
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(SRC), os.environ.get("PYTHONPATH", "")])}
     done = subprocess.run([sys.executable, str(HERE / "_roundtrip_worker.py"), kind, str(tmp_path)], env=env,
