@@ -11,9 +11,10 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
-# The test extra adds pytest, hypothesis and ruff; the tune extra adds Syne Tune for `retain tune`.
+# The test extra adds pytest, hypothesis and ruff; the tune extra adds Syne Tune for `retain tune`;
+# the hf extra adds transformers for the text example (examples/text_config.py) and its test.
 $(VENV)/.test: $(VENV)/.base
-	$(PIP) -e '.[test,tune]'
+	$(PIP) -e '.[test,tune,hf]'
 	touch $@
 
 demo: $(VENV)/.base

@@ -11,7 +11,8 @@ safetensors only) plus:
 - ``rng.json`` + ``rng.safetensors``: the global torch (CPU and CUDA), NumPy and ``random`` states.
 
 When an update starts and finds a checkpoint whose fingerprint matches (same state before the
-update, same training and validation data, same options, optimizer, loss, method and task id),
+update, same training and validation data as ``data_digest`` identifies them, same options,
+optimizer, loss, method and task id),
 it restores everything and continues with the next epoch; otherwise it ignores the checkpoint
 with a warning and starts over. The checkpoint is removed once the output state is written.
 On CPU with a fixed seed a resumed update ends with the same bytes as an uninterrupted one.
@@ -37,10 +38,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 import torch
 from torch import Tensor
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import DataLoader, Dataset, default_collate
 
 import retain
-from retain.batching import dataset_tensors
+from retain import nested
+from retain.batching import dataset_labels, dataset_tensors, is_iterable, split_batch, unwrap_loader
 from retain.state import StateError, StateFolder, remove_stale_temporaries, write_state
 
 if TYPE_CHECKING:
@@ -56,7 +58,10 @@ OPTIMIZER_TENSORS = "optimizer.safetensors"
 RNG_JSON = "rng.json"
 RNG_TENSORS = "rng.safetensors"
 # Options that change neither the data, the arithmetic nor the random draws of an update.
-_NEUTRAL_OPTIONS = ("checkpoint_every_n_epochs", "progress_bar", "log_every_n_steps", "logger")
+_NEUTRAL_OPTIONS = (
+    "checkpoint_every_n_epochs", "progress_bar", "log_every_n_steps", "logger",
+    "num_workers", "pin_memory", "persistent_workers",
+)  # fmt: skip
 _ADDRESS = re.compile(r" at 0x[0-9a-fA-F]+")
 
 
@@ -178,21 +183,53 @@ def tensors_digest(tensors: dict[str, Tensor]) -> str:
     return h.hexdigest()
 
 
-def data_digest(dataset: Dataset | None, collate_fn: Callable | None = None) -> dict[str, Any] | None:
-    """Size and sha256 of a dataset's items, read once batch by batch (datasets with random item
-    transforms give a new digest each time, so their updates never resume)."""
+FINGERPRINT_SAMPLE = 32  # items of a non-tensor dataset whose inputs enter the fingerprint
+
+
+def data_digest(
+    dataset: Dataset | DataLoader | None, collate_fn: Callable | None = None, sample: int = FINGERPRINT_SAMPLE
+) -> dict[str, Any] | None:
+    """What identifies an update's data, not its augmented values.
+
+    A tensor-backed dataset (no augmentation possible) is hashed whole: every input leaf and the
+    targets. Any other dataset (a map-style or iterable dataset, or a DataLoader's dataset) by:
+    its class name, its number of items, all its labels (read batch by batch, inputs dropped, or
+    from a ``targets`` attribute), and the inputs of a seeded subset of ``sample`` items
+    (the first ones of a stream), each read twice: a leaf that reads back identically is hashed,
+    one that differs between the reads (random per-item augmentation) is left out, so such a
+    dataset still resumes. Changes to the inputs of items outside the subset are not seen.
+    """
     if dataset is None:
         return None
+    dataset, collate_fn, _ = unwrap_loader(dataset, collate_fn)
     h = hashlib.sha256()
     tensors = dataset_tensors(dataset) if collate_fn is None else None
     if tensors is not None:
-        _hash_tensor(h, "inputs", tensors[0])
+        for path, leaf in nested.leaves(tensors[0]):
+            _hash_tensor(h, f"inputs{'.' + path if path else ''}", leaf)
         _hash_tensor(h, "targets", tensors[1])
-    else:
-        for i, (x, y) in enumerate(DataLoader(dataset, batch_size=512, shuffle=False, collate_fn=collate_fn)):
-            _hash_tensor(h, f"inputs{i}", torch.as_tensor(x))
-            _hash_tensor(h, f"targets{i}", torch.as_tensor(y))
-    return {"items": len(dataset), "sha256": h.hexdigest()}  # type: ignore[arg-type]
+        return {"items": int(tensors[1].shape[0]), "sha256": h.hexdigest()}
+    labels = dataset_labels(dataset, collate_fn)
+    _hash_tensor(h, "labels", labels)
+    h.update(type(dataset).__qualname__.encode())
+    first = _sampled_inputs(dataset, collate_fn, sample, labels.shape[0])
+    second = _sampled_inputs(dataset, collate_fn, sample, labels.shape[0])
+    stable = []
+    for (path, a), (path_b, b) in zip(nested.leaves(first), nested.leaves(second), strict=True):
+        if path == path_b and a.shape == b.shape and a.dtype == b.dtype and torch.equal(a, b):
+            _hash_tensor(h, f"inputs{'.' + path if path else ''}", a)
+            stable.append(path)
+    return {"items": int(labels.shape[0]), "sha256": h.hexdigest(), "stable_leaves": stable}
+
+
+def _sampled_inputs(dataset: Dataset, collate_fn: Callable | None, sample: int, n: int) -> Any:
+    """The inputs of a fixed, seeded subset of items (the first ``sample`` of a stream), collated."""
+    if is_iterable(dataset):
+        loader = DataLoader(dataset, batch_size=sample, collate_fn=collate_fn)
+        return split_batch(next(iter(loader)), "dataset")[0]
+    picks = torch.randperm(n, generator=torch.Generator().manual_seed(0))[:sample].sort().values.tolist()
+    collate = collate_fn if collate_fn is not None else default_collate
+    return split_batch(collate([dataset[i] for i in picks]), "dataset")[0]
 
 
 def state_digest(updater: ModelUpdater) -> str:

@@ -208,10 +208,14 @@ def _config_function(config: ModuleType, name: str, path: str, required: bool = 
 
 CONFIG_CONVENTION = """\
 A config file is Python that defines:
-  model_fn() -> retain.ContinualModel           the model (weights are restored from --input-state)
-  train_dataset_fn() -> torch Dataset            the new data of this update
+  model_fn() -> retain.ContinualModel or any torch nn.Module returning logits (or .logits)
+                                                 the model (weights are restored from --input-state;
+                                                 `retain evaluate` loads a plain module's state into it)
+  train_dataset_fn() -> Dataset or DataLoader    the new data of this update (map-style or iterable)
   val_dataset_fn() -> Dataset                    optional
-  test_dataset_fn() -> Dataset                   for `retain evaluate`
+  test_dataset_fn() -> Dataset                   for `retain evaluate` (read batch by batch)
+  COLLATE_FN = fn                                optional: collates a list of items into a batch
+                                                 (train, val and test), e.g. padding to the longest
   optimizer_fn(params) -> torch.optim.Optimizer  optional (default SGD lr 0.01)
   loss_fn() -> torch.nn.Module                   optional (default cross-entropy)
   METHOD = "er"                                  a method of `retain benchmark --help`
@@ -248,14 +252,24 @@ def _update(argv: Sequence[str]) -> int:
     updater = METHODS[method].updater(model, loss_fn() if loss_fn else None, optimizer,
                                       input_state_folder=args.input_state, output_state_folder=args.output_state,
                                       **options)
-    updater.update(train, val_fn() if val_fn else None, task_id=getattr(config, "TASK_ID", None))
+    collate = _config_collate(config, args.config)
+    updater.update(train, val_fn() if val_fn else None, train_dataset_collate_fn=collate,
+                   val_dataset_collate_fn=collate, task_id=getattr(config, "TASK_ID", None))
     print(f"updated with {method}: state written to {args.output_state}")
     return 0
 
 
+def _config_collate(config: ModuleType, path: str) -> Callable | None:
+    collate = getattr(config, "COLLATE_FN", None)
+    if collate is not None and not callable(collate):
+        raise CLIError(f"config {path}: COLLATE_FN must be a function")
+    return collate
+
+
 def _evaluate(argv: Sequence[str]) -> int:
-    from retain.batching import materialize
-    from retain.evaluation import accuracy
+    from retain.evaluation import accuracy_on_dataset
+    from retain.models.adapter import is_plain_description
+    from retain.state import StateFolder
     from retain.updaters import load_model
 
     p = argparse.ArgumentParser(prog="retain evaluate", description="Accuracy of a saved state on your test data.",
@@ -267,12 +281,19 @@ def _evaluate(argv: Sequence[str]) -> int:
     config = load_config(args.config)
     test = _config_function(config, "test_dataset_fn", args.config)()
     transform = getattr(config, "TEST_TRANSFORM", None)
-    model = load_model(args.state)
-    inputs, targets = materialize(test)
-    if len(targets) == 0:
-        raise CLIError("test_dataset_fn() returned an empty dataset")
-    score = accuracy(model, inputs, targets, transform=transform, task_id=getattr(config, "TASK_ID", None))
-    result = {"state": str(args.state), "accuracy": score, "items": len(targets)}
+    fresh = None
+    if is_plain_description(StateFolder(args.state).manifest["model"]):  # weights only: the config builds it
+        fresh = _config_function(config, "model_fn", args.config)()
+    model = load_model(args.state, model=fresh)
+    try:  # streamed: one batch in memory at a time
+        score, items = accuracy_on_dataset(model, test, collate_fn=_config_collate(config, args.config),
+                                           transform=transform, batch_size=int(getattr(config, "EVAL_BATCH_SIZE", 256)),
+                                           task_id=getattr(config, "TASK_ID", None))
+    except ValueError as err:
+        if "empty" in str(err):
+            raise CLIError("test_dataset_fn() returned an empty dataset") from None
+        raise
+    result = {"state": str(args.state), "accuracy": score, "items": items}
     print(json.dumps(result))
     if args.output:
         Path(args.output).write_text(json.dumps(result, indent=2) + "\n")

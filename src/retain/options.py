@@ -12,6 +12,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+from retain.batching import LoaderOptions
+
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
 PRECISIONS = ("32", "32-true", "64", "64-true", "16-mixed", "bf16-mixed")
@@ -61,6 +63,22 @@ class TrainingOptions:
     log_every_n_steps: int = 50
     progress_bar: bool = False
     checkpoint_every_n_epochs: int = 0
+    # --- data loading and models of any structure (issue 12) ---
+    # DataLoader settings for datasets that are not tensor-backed (TensorDatasets stay on the
+    # on-device fast path); a user's DataLoader supplies them where these are left at defaults.
+    num_workers: int = 0
+    pin_memory: bool = False
+    persistent_workers: bool = False
+    # With mask_unused_classes: the classes of this update's data, declared; None reads them
+    # from the labels (a `targets` attribute, else streamed batch by batch, inputs not kept).
+    update_classes: list[int] | None = None
+    # Names of submodules (``model.get_submodule(name)``) whose outputs POD distils, captured by
+    # forward hooks; None keeps the model's own (the shipped models' defaults).
+    feature_layers: list[str] | None = None
+    # Pad value per input leaf path (e.g. {"input_ids": pad_token_id}) with which the replay memory
+    # and the join of new and replayed batches pad variable-length leaves; unlisted leaves pad with 0.
+    pad_values: dict[str, float] | None = None
+    # --- end of issue 12 options ---
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
@@ -82,6 +100,31 @@ class TrainingOptions:
             raise ValueError("early_stopping_enabled needs a `metric` to monitor (e.g. 'val_loss')")
         if self.checkpoint_every_n_epochs < 0:
             raise ValueError("checkpoint_every_n_epochs must be >= 0")
+        self._check_loading_options()
+
+    def _check_loading_options(self) -> None:
+        """Validates the issue-12 options (loaders, declared classes, feature layers)."""
+        if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
+            raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.persistent_workers and self.num_workers == 0:
+            raise ValueError("persistent_workers=True needs num_workers > 0")
+        if self.update_classes is not None:
+            classes = list(self.update_classes)
+            if not classes or any(isinstance(c, bool) or not isinstance(c, int) or c < 0 for c in classes):
+                raise ValueError(f"update_classes must be a non-empty list of class indices >= 0, got {classes!r}")
+            self.update_classes = sorted(set(classes))
+        if self.feature_layers is not None:
+            layers = list(self.feature_layers)
+            if not layers or not all(isinstance(n, str) and n for n in layers):
+                raise ValueError(f"feature_layers must be a non-empty list of submodule names, got {layers!r}")
+            self.feature_layers = layers
+        pads = self.pad_values
+        if pads is not None and (not isinstance(pads, dict) or not all(_is_pad(k, v) for k, v in pads.items())):
+            raise ValueError(f"pad_values must map input leaf paths to numbers, got {self.pad_values!r}")
+
+    def loader_options(self) -> LoaderOptions:
+        """The DataLoader settings for ``retain.batching``."""
+        return LoaderOptions(self.num_workers, self.pin_memory, self.persistent_workers)
 
     @classmethod
     def from_kwargs(cls, owner: str, **kwargs: Any) -> TrainingOptions:
@@ -104,6 +147,10 @@ class TrainingOptions:
             value = getattr(self, f.name)
             out[f.name] = value if _is_json_scalar(value) else repr(value)
         return out
+
+
+def _is_pad(path: Any, value: Any) -> bool:
+    return isinstance(path, str) and isinstance(value, int | float) and not isinstance(value, bool)
 
 
 def _is_json_scalar(value: Any) -> bool:

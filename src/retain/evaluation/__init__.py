@@ -5,7 +5,7 @@
 * :mod:`~retain.evaluation.report` -- ``results.json`` schema, CSV/PNG report, terminal table.
 """
 
-from retain.evaluation.evaluate import EvalTask, accuracy, accuracy_row
+from retain.evaluation.evaluate import EvalTask, accuracy, accuracy_on_dataset, accuracy_row
 from retain.evaluation.metrics import (
     ARRAY_KEYS,
     METRIC_KEYS,
@@ -29,6 +29,7 @@ __all__ = [
     "METRIC_KEYS",
     "EvalTask",
     "accuracy",
+    "accuracy_on_dataset",
     "accuracy_row",
     "aggregate_runs",
     "average_accuracy",

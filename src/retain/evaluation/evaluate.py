@@ -1,7 +1,9 @@
 """Accuracy of a model on tensors and on the test split of every task.
 
-The model is any ``torch.nn.Module`` whose ``forward(x, task_id=None)`` returns logits of
-shape ``(B, C)``. Evaluation runs in eval mode under ``torch.inference_mode()`` and puts
+The model is a ``ContinualModel`` (called as ``model(x, task_id)``) or any ``torch.nn.Module``
+returning logits of shape ``(B, C)`` or an object with ``.logits`` (called with
+``retain.nested.call_model``: ``m(x)``, ``m(*x)`` or ``m(**x)``); inputs may be nested.
+Evaluation runs in eval mode under ``torch.inference_mode()`` and puts
 every module back in the train/eval mode it was in before, so it is safe to call in the
 middle of training.
 """
@@ -13,9 +15,11 @@ from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
+from torch.utils.data import DataLoader, Dataset, TensorDataset
 
-__all__ = ["EvalTask", "accuracy", "accuracy_row"]
+from retain.models.adapter import forward_logits
+
+__all__ = ["EvalTask", "accuracy", "accuracy_on_dataset", "accuracy_row"]
 
 
 class EvalTask(Protocol):
@@ -78,7 +82,7 @@ def accuracy(
                 y = targets[start : start + batch_size].to(device, non_blocking=True).reshape(-1)
                 if transform is not None:
                     x = transform(x)
-                logits = model(x, task_id)
+                logits = forward_logits(model, x, task_id)
                 if classes is not None:
                     if keep is None:
                         keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
@@ -89,6 +93,58 @@ def accuracy(
         for m, was_training in modes:
             m.training = was_training
     return correct.item() / n
+
+
+def accuracy_on_dataset(
+    model: nn.Module,
+    dataset: Dataset | DataLoader,
+    *,
+    collate_fn: Callable | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    batch_size: int = 1024,
+    task_id: Any = None,
+    classes: Sequence[int] | None = None,
+    num_workers: int = 0,
+) -> tuple[float, int]:
+    """``(accuracy, items)`` of ``model`` on a dataset read batch by batch (streamed: one batch in
+    memory at a time, never the whole dataset), as :func:`accuracy` scores tensors.
+
+    ``dataset`` is any map-style or iterable dataset (items as ``retain.batching.split_batch``
+    accepts, with ``collate_fn``) or a ``DataLoader`` (its dataset and collate function). Raises
+    ``ValueError`` for an empty dataset or an empty ``classes``."""
+    from retain.batching import LoaderOptions, iter_batches, unwrap_loader
+
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if classes is not None and len(classes) == 0:
+        raise ValueError("classes must name at least one class")
+    dataset, collate_fn, loading = unwrap_loader(dataset, collate_fn, LoaderOptions(num_workers=num_workers))
+    device = _device_of(model)
+    modes = [(m, m.training) for m in model.modules()]
+    keep: Tensor | None = None
+    correct = torch.zeros((), dtype=torch.int64, device=device)
+    items = 0
+    try:
+        model.eval()
+        with torch.inference_mode():
+            for x, y in iter_batches(dataset, batch_size, collate_fn, device, loading, where="test dataset"):
+                y = y.reshape(-1)
+                if transform is not None:
+                    x = transform(x)
+                logits = forward_logits(model, x, task_id)
+                if classes is not None:
+                    if keep is None:
+                        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
+                        keep[torch.as_tensor(list(classes), dtype=torch.long, device=device)] = True
+                    logits = logits.masked_fill(~keep, float("-inf"))
+                correct += (logits.argmax(dim=-1) == y).sum()
+                items += int(y.shape[0])
+    finally:
+        for m, was_training in modes:
+            m.training = was_training
+    if items == 0:
+        raise ValueError("cannot compute accuracy on an empty dataset")
+    return correct.item() / items, items
 
 
 def accuracy_row(

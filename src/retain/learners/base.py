@@ -19,15 +19,17 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from retain.batching import BatchSource, materialize
+from retain import nested
+from retain.batching import BatchSource, dataset_labels, describe_inputs, unwrap_loader
 from retain.memory import ReservoirMemory
+from retain.models.adapter import as_continual_model
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel
 from retain.options import TrainingOptions
 
 if TYPE_CHECKING:
     import torchmetrics
 
-Batch = tuple[Tensor, Tensor]
+Batch = tuple[nested.NestedTensors, Tensor]
 Checkpoint = dict[str, dict[str, Any]]
 
 
@@ -62,6 +64,9 @@ class Learner:
             raise TypeError("give the training options either as `options` or as keyword arguments, not both")
         if optimizer is None:
             raise ValueError("an optimizer factory is required, e.g. functools.partial(torch.optim.SGD, lr=0.01)")
+        model = as_continual_model(model)
+        if options.feature_layers is not None and model._feature_layers != options.feature_layers:
+            model.use_feature_layers(options.feature_layers)
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
         self.optimizer_factory = optimizer
@@ -94,9 +99,16 @@ class Learner:
         val_dataset_collate_fn: Callable | None = None,
         task_id: str | None = None,
     ) -> None:
-        """Prepares an update: task head, data sources, class mask, checks on the data."""
+        """Prepares an update: task head, data sources, class mask, checks on the data.
+
+        ``train_dataset``/``val_dataset`` may be map-style or iterable datasets, or DataLoaders
+        (their dataset and collate function are used, see ``retain.batching``)."""
         self.task_id = task_id or DEFAULT_TASK_ID
         self.model.add_task_params(self.task_id)
+        loading = self.options.loader_options()
+        train_dataset, train_dataset_collate_fn, train_loading = unwrap_loader(
+            train_dataset, train_dataset_collate_fn, loading
+        )
         self._train_dataset = train_dataset
         self._train_source = BatchSource(
             train_dataset,
@@ -105,15 +117,22 @@ class Learner:
             shuffle=True,
             generator=self.generator,
             collate_fn=train_dataset_collate_fn,
+            loader_options=train_loading,
+            where="train_dataset",
         )
         self._val_source = None
         if val_dataset is not None:
+            val_dataset, val_dataset_collate_fn, val_loading = unwrap_loader(
+                val_dataset, val_dataset_collate_fn, loading
+            )
             self._val_source = BatchSource(
                 val_dataset,
                 max(self.options.batch_size, 256),
                 self.device,
                 shuffle=False,
                 collate_fn=val_dataset_collate_fn,
+                loader_options=val_loading,
+                where="val_dataset",
             )
         self._check_data(self._train_source, "train_dataset")
         if self._val_source is not None:
@@ -130,17 +149,27 @@ class Learner:
                 f"{name}: targets must be a 1-D integer tensor of class indices, got "
                 f"{targets.dtype} of shape {tuple(targets.shape)}"
             )
-        if inputs.dtype.is_floating_point and not bool(torch.isfinite(inputs).all()):
-            raise ValueError(f"{name}: inputs contain NaN or Inf")
-        probe_x, _ = self.transform_train(inputs[:2], targets[:2])
+        try:
+            n = nested.batch_size(inputs)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{name}: {err}") from None
+        if n != targets.shape[0]:
+            raise ValueError(f"{name}: {n} inputs but {targets.shape[0]} targets in a batch")
+        for path, leaf in nested.leaves(inputs):
+            if leaf.dtype.is_floating_point and not bool(torch.isfinite(leaf).all()):
+                raise ValueError(f"{name}: inputs{'.' + path if path else ''} contain NaN or Inf")
+        probe_x, _ = self.transform_train(nested.index(inputs, slice(0, 2)), targets[:2])
         was_training = self.model.training
         try:
             self.model.eval()
             with torch.no_grad():
                 logits = self.model(probe_x, self.task_id)
+            if not isinstance(logits, Tensor) or logits.dim() != 2:
+                got = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+                raise TypeError(f"the model must return logits of shape (B, C), got {got}")
         except Exception as err:
             raise ValueError(
-                f"{name}: inputs of shape {tuple(inputs.shape[1:])} and dtype {inputs.dtype} do not fit the model "
+                f"{name}: inputs {describe_inputs(inputs)} do not fit the model "
                 f"{type(self.model).__name__} (after the train transform): {err}"
             ) from None
         finally:
@@ -151,10 +180,21 @@ class Learner:
             raise ValueError(f"{name}: labels must lie in [0, {num_classes - 1}] for this model, found [{lo}, {hi}]")
 
     def _compute_class_mask(self, source: BatchSource) -> Tensor:
-        targets = source.tensors[1] if source.tensors is not None else materialize(source.dataset)[1]
+        """The classes of this update: ``update_classes`` when declared, else the labels of the
+        training data (tensors or a ``targets`` attribute, else read batch by batch; no inputs kept)."""
         num_classes = self.model.num_outputs
+        if self.options.update_classes is not None:
+            classes = torch.as_tensor(self.options.update_classes, dtype=torch.long)
+            if int(classes.max()) >= num_classes:
+                raise ValueError(
+                    f"update_classes {self.options.update_classes} exceed the model's {num_classes} classes"
+                )
+        elif source.tensors is not None:
+            classes = source.tensors[1].unique()
+        else:
+            classes = dataset_labels(source.dataset, source.collate_fn, source.loader_options).unique()
         mask = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
-        mask[targets.to(self.device).unique()] = True
+        mask[classes.to(self.device)] = True
         return mask
 
     def train_dataloader(self) -> BatchSource:
@@ -166,6 +206,8 @@ class Learner:
         """Trains this update on the items ``indices`` of ``train_dataloader()``'s dataset only, in
         batches of ``batch_size`` (a DDP rank's shard, see ``retain.updaters.distributed``)."""
         source = self.train_dataloader()
+        if source.is_stream:
+            raise ValueError("train_dataset: an IterableDataset cannot be sharded over devices; use devices=1")
         self._train_source = BatchSource(
             Subset(source.dataset, indices.tolist()),
             batch_size,
@@ -173,12 +215,14 @@ class Learner:
             shuffle=True,
             generator=self.generator,
             collate_fn=source.collate_fn,
+            loader_options=source.loader_options,
+            where=source.where,
         )
 
     def val_dataloader(self) -> BatchSource | None:
         return self._val_source
 
-    def transform_train(self, inputs: Tensor, targets: Tensor) -> Batch:
+    def transform_train(self, inputs: nested.NestedTensors, targets: Tensor) -> Batch:
         o = self.options
         if o.train_transform is not None:
             inputs = o.train_transform(inputs)
@@ -186,7 +230,7 @@ class Learner:
             targets = o.train_target_transform(targets)
         return inputs, targets
 
-    def transform_test(self, inputs: Tensor, targets: Tensor) -> Batch:
+    def transform_test(self, inputs: nested.NestedTensors, targets: Tensor) -> Batch:
         o = self.options
         if o.test_transform is not None:
             inputs = o.test_transform(inputs)
@@ -323,8 +367,10 @@ class ReplayLearner(Learner):
             self.memory_batch_size = memory_batch_size
             self._new_batch_size = self.options.batch_size
         o = self.options
+        extra: dict[str, Any] = {"pad_values": dict(o.pad_values)} if o.pad_values else {}
         self.memory = ReservoirMemory(
             memory_size,
+            **extra,
             device=self.device,
             seed=self.seed + 1,
             transform=o.buffer_transform if o.buffer_transform is not None else o.train_transform,
@@ -347,8 +393,22 @@ class ReplayLearner(Learner):
             assert self._train_source is not None
             source = self._train_source
             inputs, _ = source.tensors if source.tensors is not None else source.first_batch()
-            if inputs.shape[1:] != stored.shape[1:] or inputs.dtype != stored.dtype:
-                raise ValueError(
-                    f"train_dataset: raw inputs of per-item shape {tuple(inputs.shape[1:])} and dtype {inputs.dtype} "
-                    f"cannot join the memory, which holds {tuple(stored.shape[1:])} {stored.dtype} from earlier updates"
-                )
+            check_joinable(inputs, stored)
+
+
+def check_joinable(inputs: nested.NestedTensors, stored: nested.NestedTensors) -> None:
+    """Refuses new raw inputs that the memory cannot hold beside its items: other leaves, dtypes or
+    numbers of dims (lengths may differ: the memory pads variable-length leaves)."""
+    new, old = dict(nested.leaves(inputs)), dict(nested.leaves(stored))
+    if list(new) != list(old):
+        raise ValueError(
+            f"train_dataset: inputs with leaves {list(new)} cannot join the memory, which holds leaves {list(old)}"
+        )
+    for path, leaf in new.items():
+        kept = old[path]
+        if leaf.dtype != kept.dtype or leaf.dim() != kept.dim():
+            raise ValueError(
+                f"train_dataset: raw inputs{'.' + path if path else ''} of per-item shape {tuple(leaf.shape[1:])} and "
+                f"dtype {leaf.dtype} cannot join the memory, which holds {tuple(kept.shape[1:])} {kept.dtype} "
+                "from earlier updates"
+            )

@@ -148,8 +148,8 @@ def pod_loss_pooled(
     """``pod_loss`` against stored representations that are already ``pod_pool``-ed (what the memory keeps)."""
     if not current:
         raise ValueError(
-            "POD needs intermediate representations, but the model exposes none: append the features of "
-            "the layers to distil to self._intermediate_representation_cache in get_features"
+            "POD needs intermediate representations, but the model exposes none: name the layers to distil "
+            "with the option feature_layers=[...] (submodule names)"
         )
     if len(current) != len(stored_pooled):
         raise ValueError(f"POD: the model exposes {len(current)} layers but the memory stores {len(stored_pooled)}")
@@ -311,8 +311,12 @@ class WeightedCLSLossComponent(Component):
         """Gives the copies a head for a new task id (initialised from the working model's)."""
         self.task_id = task_id
         for copy_model in (self.plastic_model, self.stable_model):
-            if task_id not in copy_model.heads:
+            if task_id in copy_model.task_ids:
+                continue
+            if task_id in model.heads:
                 copy_model.heads[task_id] = copy.deepcopy(model.heads[task_id]).requires_grad_(False)
+            else:  # a plain nn.Module: one output layer shared by every task id
+                copy_model.add_task_params(task_id)
 
     def on_save_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
         checkpoint["json"][f"{prefix}step"] = self.step

@@ -2,15 +2,18 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import Dataset, TensorDataset
+from torch.utils.data import Dataset
 
-from retain.batching import materialize
-from retain.learners.base import Checkpoint, Learner
+from retain import nested
+from retain.batching import NestedTensorDataset, materialize, unwrap_loader
+from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel
+from retain.nested import NestedTensors
 from retain.updaters.base import SingleTrainingLoopUpdater
 
 
@@ -56,12 +59,18 @@ def reset_parameters(model: nn.Module) -> None:
 
 
 class JointLearner(Learner):
-    """Keeps every item seen (as tensors, saved in the state folder) and, at each update,
-    re-initialises the model and trains it from scratch on all of them: the upper bound."""
+    """Keeps every item seen and, at each update, re-initialises the model and trains it from
+    scratch on all of them: the upper bound.
+
+    This learner HOLDS DATA: every update reads its whole dataset into host memory (nested inputs
+    as one tensor per leaf, each padded to the longest item with 0) and the state folder stores
+    all items seen so far (``learner.safetensors``). Size the data accordingly; the replay
+    methods stream.
+    """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.seen_inputs: Tensor | None = None
+        self.seen_inputs: NestedTensors | None = None
         self.seen_targets: Tensor | None = None
 
     def on_model_update_start(
@@ -72,35 +81,47 @@ class JointLearner(Learner):
         val_dataset_collate_fn: Any = None,
         task_id: str | None = None,
     ) -> None:
-        inputs, targets = materialize(train_dataset, train_dataset_collate_fn)
-        inputs, targets = inputs.cpu(), targets.cpu()
+        dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
+        inputs, targets = materialize(dataset, collate_fn)
+        inputs, targets = nested.to_device(inputs, "cpu"), targets.cpu()
         if self.seen_inputs is not None and self.seen_targets is not None:
-            if inputs.shape[1:] != self.seen_inputs.shape[1:]:
-                raise ValueError(
-                    f"train_dataset: inputs of per-item shape {tuple(inputs.shape[1:])} differ from the "
-                    f"{tuple(self.seen_inputs.shape[1:])} of earlier updates"
-                )
-            inputs = torch.cat([self.seen_inputs, inputs.to(self.seen_inputs.dtype)])
+            check_joinable(inputs, self.seen_inputs)
+            inputs = nested.cat([self.seen_inputs, inputs])
             targets = torch.cat([self.seen_targets, targets.to(self.seen_targets.dtype)])
         super().on_model_update_start(
-            TensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id
+            NestedTensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id
         )
         self.seen_inputs, self.seen_targets = inputs, targets  # kept only once the data passed the checks
         reset_parameters(self.model)
 
     def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:
         super().on_save_checkpoint(checkpoint)
+        structure = ""
         if self.seen_inputs is not None and self.seen_targets is not None:
-            checkpoint["tensors"]["seen_inputs"] = self.seen_inputs
+            if isinstance(self.seen_inputs, Tensor):
+                checkpoint["tensors"]["seen_inputs"] = self.seen_inputs
+            else:
+                structure = json.dumps(nested.structure(self.seen_inputs))
+                for path, leaf in nested.leaves(self.seen_inputs):
+                    checkpoint["tensors"][f"seen_inputs.{path}"] = leaf
             checkpoint["tensors"]["seen_targets"] = self.seen_targets
+        checkpoint["json"]["seen_inputs_structure"] = structure
 
     def on_load_checkpoint(self, checkpoint: Checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
-        self.seen_inputs = checkpoint["tensors"].get("seen_inputs")
-        self.seen_targets = checkpoint["tensors"].get("seen_targets")
+        tensors = checkpoint["tensors"]
+        structure = checkpoint["json"].get("seen_inputs_structure", "")
+        self.seen_targets = tensors.get("seen_targets")
+        if structure:
+            prefix = "seen_inputs."
+            flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
+            self.seen_inputs = nested.unflatten(json.loads(structure), flat)
+        else:
+            self.seen_inputs = tensors.get("seen_inputs")
 
 
 class JointModelUpdater(_BaselineModelUpdater):
-    """Joint training on all data seen so far (kept in the state folder as two tensor entries)."""
+    """Joint training on all data seen so far: it holds every item in memory and in the state
+    folder (one tensor entry per input leaf plus the targets), see ``JointLearner``."""
 
     learner_class = JointLearner

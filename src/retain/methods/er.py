@@ -19,6 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from retain import nested
 from retain.learners.base import Batch, Checkpoint, ReplayLearner
 from retain.learners.components import (
     LOGITS,
@@ -92,11 +93,11 @@ class BaseExperienceReplayLearner(ReplayLearner):
     def training_step(self, batch: Batch, batch_idx: int) -> Tensor:
         raw_inputs, raw_targets = batch
         inputs, targets = self.transform_train(raw_inputs, raw_targets)
-        n = inputs.shape[0]
+        n = inputs.shape[0] if isinstance(inputs, Tensor) else nested.batch_size(inputs)
         memory_batch = None
         if self._loss_components and self.memory_batch_size > 0 and len(self.memory) > 0:
             memory_batch = self.memory.sample(self.memory_batch_size)
-        joined = inputs if memory_batch is None else torch.cat([inputs, memory_batch.inputs.to(inputs.dtype)])
+        joined = inputs if memory_batch is None else join_batches(inputs, memory_batch.inputs, self._pad_values())
         outputs, features = self._forward(joined)
         # Per step, detach only what on_train_batch_end stores (logits, features) or refreshes (EMA).
         logits_new = outputs[:n].detach() if self._store_logits else None
@@ -127,6 +128,9 @@ class BaseExperienceReplayLearner(ReplayLearner):
         if self.loss_normalization:
             loss = loss / total_weight
         return loss
+
+    def _pad_values(self) -> dict[str, float] | None:
+        return getattr(self.memory, "pad_values", None)
 
     def on_train_batch_end(self, outputs: Tensor, batch: Batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
@@ -186,6 +190,20 @@ class BaseExperienceReplayLearner(ReplayLearner):
         }
         if working:
             self.model.load_state_dict(working, strict=True)
+
+
+def join_batches(
+    new: nested.NestedTensors, replayed: nested.NestedTensors, pad_values: dict[str, float] | None = None
+) -> nested.NestedTensors:
+    """The new batch followed by the replayed one, for one forward pass: each leaf of the replayed
+    batch in the new leaf's dtype, and every leaf padded to the longer of the two with its pad
+    value (variable-length sequences: the new batch padded to the memory's length or vice versa)."""
+    if isinstance(new, Tensor) and isinstance(replayed, Tensor) and new.shape[1:] == replayed.shape[1:]:
+        return torch.cat([new, replayed.to(new.dtype)])  # the fast path of fixed-shape tensors
+    dtypes = {path: leaf.dtype for path, leaf in nested.leaves(new)}
+    flat = {path: leaf.to(dtypes.get(path, leaf.dtype)) for path, leaf in nested.leaves(replayed)}
+    replayed = nested.unflatten(nested.structure(replayed), flat)
+    return nested.cat([new, replayed], pad_values)
 
 
 class ExperienceReplayLearner(BaseExperienceReplayLearner):

@@ -29,13 +29,16 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-from torch.utils.data import DataLoader, Dataset, TensorDataset
+from torch.utils.data import DataLoader, Dataset
 
-from retain.batching import BatchSource, dataset_tensors, materialize
+from retain import nested
+from retain.batching import BatchSource, NestedTensorDataset, dataset_length, iter_batches, unwrap_loader
 from retain.learners.base import Batch, Learner, ReplayLearner, model_device
 from retain.memory import ReservoirMemory
 from retain.methods.baselines import reset_parameters
+from retain.models.adapter import forward_logits
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel, rebuild_model, registered_models
+from retain.nested import NestedTensors
 from retain.updaters.base import ModelUpdater, _deterministic
 from retain.updaters.loop import FitResult, fit
 
@@ -59,53 +62,57 @@ def double_distillation_loss(predicted_logits: Tensor, target_logits: Tensor) ->
     return 0.5 * (predicted_logits - targets).pow(2).mean(dim=1)
 
 
-def _input_batches(dataset: Dataset | ReservoirMemory, batch_size: int) -> Iterator[Tensor]:
-    """The raw inputs of every item, in order, in batches."""
+def _input_batches(
+    dataset: Dataset | ReservoirMemory, batch_size: int, collate_fn: Callable | None = None
+) -> Iterator[NestedTensors]:
+    """The raw inputs of every item, in order, in batches (streamed: one batch at a time)."""
     if isinstance(dataset, ReservoirMemory):
-        inputs = dataset.raw_items()[0] if len(dataset) else None
-        if inputs is not None:
-            yield from inputs.split(batch_size)
+        if len(dataset):
+            inputs = dataset.raw_items()[0]
+            n = nested.batch_size(inputs)
+            for start in range(0, n, batch_size):
+                yield nested.index(inputs, slice(start, start + batch_size))
         return
-    tensors = dataset_tensors(dataset)
-    if tensors is not None:
-        yield from tensors[0].split(batch_size)
-        return
-    if isinstance(dataset, TensorDataset):
-        yield from dataset.tensors[0].split(batch_size)
-        return
-    for batch in DataLoader(dataset, batch_size=batch_size, shuffle=False):
-        yield batch[0] if isinstance(batch, list | tuple) else batch
+    for inputs, _ in iter_batches(dataset, batch_size, collate_fn, where="dataset"):
+        yield inputs
 
 
 @torch.no_grad()
 def extract_logits(
     model: nn.Module,
-    dataset: Dataset | ReservoirMemory,
+    dataset: Dataset | DataLoader | ReservoirMemory,
     batch_size: int,
     task_id: str | None = DEFAULT_TASK_ID,
-    transform: Callable[[Tensor], Tensor] | None = None,
+    transform: Callable[[Any], Any] | None = None,
+    collate_fn: Callable | None = None,
 ) -> Tensor:
     """The logits ``model.get_logits(transform(x), task_id)`` of every item, in order: (N, C).
 
-    ``dataset`` is a ``TensorDataset`` (or ``Subset`` of one), any map-style ``Dataset`` whose
-    items are ``(x, y)`` or ``x`` (read with a ``DataLoader``, no shuffling), or a
-    ``ReservoirMemory`` (its filled slots in slot order; ``transform`` defaults to the memory's
-    own transform). Runs without gradients on the model's device and in eval mode, restoring the
-    model's previous mode. The result is float32 on the model's device.
+    ``dataset`` is a ``TensorDataset`` (or ``Subset`` of one), any map-style or iterable
+    ``Dataset`` whose items or batches split as ``retain.batching.split_batch`` says (read in
+    batches with ``collate_fn``, no shuffling; never held whole), a ``DataLoader`` (its dataset
+    and collate function), or a ``ReservoirMemory`` (its filled slots in slot order; ``transform``
+    defaults to the memory's own transform). Inputs may be nested; a plain ``nn.Module`` is
+    called with ``retain.nested.call_model``. Runs without gradients on the model's device and in
+    eval mode, restoring the model's previous mode. The result is float32 on the model's device.
     """
     if isinstance(dataset, ReservoirMemory) and transform is None:
         transform = dataset.transform
+    if isinstance(dataset, DataLoader):
+        dataset, collate_fn, _ = unwrap_loader(dataset, collate_fn)
     device = model_device(model)
-    forward = model.get_logits if hasattr(model, "get_logits") else model
     was_training = model.training
     model.eval()
     try:
         chunks = []
-        for inputs in _input_batches(dataset, batch_size):
-            inputs = inputs.to(device)
+        for inputs in _input_batches(dataset, batch_size, collate_fn):
+            inputs = nested.to_device(inputs, device)
             if transform is not None:
                 inputs = transform(inputs)
-            chunks.append(forward(inputs, task_id).float())
+            if isinstance(model, ContinualModel):
+                chunks.append(model.get_logits(inputs, task_id).float())
+            else:
+                chunks.append(forward_logits(model, inputs).float())
     finally:
         model.train(was_training)
     if not chunks:
@@ -220,20 +227,27 @@ class RepeatedDistillationLearner(ReplayLearner):
             )
         assert self._train_source is not None
         source = self._train_source
-        if source.tensors is not None:
-            inputs, targets = source.tensors
-        else:
-            inputs, targets = materialize(train_dataset, train_dataset_collate_fn)
         logits, self._expert_logits = self._expert_logits, None
-        if logits.shape[0] != inputs.shape[0]:
-            raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has {inputs.shape[0]}")
-        self.memory.add(inputs, targets, {LOGITS: logits})
+        length = dataset_length(source.dataset)
+        if length is not None and logits.shape[0] != length:
+            raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has {length}")
+        offset = 0  # the new data enters the reservoir in dataset order, batch by batch (streamed)
+        for inputs, targets in iter_batches(
+            source.dataset, source.batch_size, source.collate_fn, self.device, source.loader_options, "train_dataset"
+        ):
+            n = targets.shape[0]
+            if offset + n > logits.shape[0]:
+                raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has more")
+            self.memory.add(inputs, targets, {LOGITS: logits[offset : offset + n]})
+            offset += n
+        if offset != logits.shape[0]:
+            raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has {offset}")
         self._train_source = None
         fresh = reinitialized_copy(self.model, self.initialization_seed("consolidated"))
         self.model.load_state_dict(fresh.state_dict())
         memory_inputs, _, metadata = self.memory.raw_items()
         self._memory_source = BatchSource(
-            TensorDataset(memory_inputs, metadata[LOGITS]),
+            NestedTensorDataset(memory_inputs, metadata[LOGITS]),
             self.consolidation_batch_size,
             self.device,
             shuffle=True,
@@ -347,20 +361,25 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
         val_dataset_collate_fn: Callable | None = None,
         task_id: str | None = None,
     ) -> ContinualModel:
-        """Trains an expert on ``train_dataset``, consolidates it with the memory, returns the consolidated model."""
-        inputs, targets = materialize(train_dataset, train_dataset_collate_fn)
-        new_data = TensorDataset(inputs, targets)
+        """Trains an expert on ``train_dataset``, consolidates it with the memory, returns the consolidated model.
+
+        The new data is streamed (read in batches, never held whole): once per expert epoch,
+        once for the expert's logits, once into the memory."""
         learner = self.learner
         with _deterministic(self.options.deterministic_trainer):
-            expert = self.train_expert(new_data, task_id)
+            expert = self.train_expert(train_dataset, task_id, train_dataset_collate_fn)
+            dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
             logits = extract_logits(
-                expert, new_data, learner.logits_batch_size, task_id or DEFAULT_TASK_ID, learner.memory.transform
-            )
+                expert, dataset, learner.logits_batch_size, task_id or DEFAULT_TASK_ID, learner.memory.transform,
+                collate_fn=collate_fn,
+            )  # fmt: skip
         del expert
         learner.update_expert_logits(logits)
-        return super().update(new_data, val_dataset, None, val_dataset_collate_fn, task_id)
+        return super().update(train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id)
 
-    def train_expert(self, train_dataset: Dataset, task_id: str | None = None) -> ContinualModel:
+    def train_expert(
+        self, train_dataset: Dataset, task_id: str | None = None, collate_fn: Callable | None = None
+    ) -> ContinualModel:
         """Trains and returns this update's expert: fresh weights, ``loss_fn`` on ``train_dataset`` only."""
         learner = self.learner
         seed = learner.initialization_seed("expert")
@@ -376,7 +395,7 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
             model=expert, loss_fn=learner.loss_fn, optimizer=learner.optimizer_factory, options=options
         )
         torch.manual_seed(seed)  # dropout and other draws of the expert's training
-        expert_learner.on_model_update_start(train_dataset, None, None, None, task_id)
+        expert_learner.on_model_update_start(train_dataset, None, collate_fn, None, task_id)
         self.last_expert_fit = fit(expert_learner, description=f"{self.method_name} expert {expert_learner.task_id}")
         expert_learner.on_model_update_end()
         return expert

@@ -89,6 +89,8 @@ class ContinualModel(nn.Module):
         super().__init__()
         self.heads = nn.ModuleDict()
         self._intermediate_representation_cache: list[Tensor] = []
+        self._feature_layers: list[str] = []
+        self._hooked_features: list[Tensor | None] = []
 
     @property
     def hyperparameters(self) -> dict[str, Any]:
@@ -127,22 +129,80 @@ class ContinualModel(nn.Module):
 
     def forward(self, x: Tensor, task_id: str | None = None) -> Tensor:
         self._intermediate_representation_cache = []
+        if self._feature_layers:
+            self._hooked_features = [None] * len(self._feature_layers)
         head = self.heads[task_id or DEFAULT_TASK_ID]
         return head(self.get_features(x))
+
+    def feature_root(self) -> nn.Module:
+        """The module whose submodule names ``use_feature_layers`` resolves (the model itself)."""
+        return self
+
+    def use_feature_layers(self, names: list[str]) -> None:
+        """Takes the intermediate representations (for POD) from the outputs of the submodules
+        ``names`` of ``feature_root()``, captured by forward hooks, in the order given, instead
+        of what ``get_features`` appends. A submodule returning a tuple gives its first tensor."""
+        root = self.feature_root()
+        for module in root.modules():  # drop hooks of an earlier call (or of an earlier wrapper of the module)
+            for key, hook in list(module._forward_hooks.items()):
+                if isinstance(hook, _CaptureFeature):
+                    del module._forward_hooks[key]
+        for i, name in enumerate(names):
+            try:
+                submodule = root.get_submodule(name)
+            except AttributeError:
+                known = [n for n, _ in root.named_modules() if n][:8]
+                raise ValueError(
+                    f"feature_layers: {type(root).__name__} has no submodule {name!r} (it has e.g. {', '.join(known)})"
+                ) from None
+            submodule.register_forward_hook(_CaptureFeature(self, i, name))
+        self._feature_layers = list(names)
+        self._hooked_features = [None] * len(names)
 
     def get_logits(self, x: Tensor, task_id: str | None = None) -> Tensor:
         return self(x, task_id)
 
     def get_intermediate_representation(self) -> list[Tensor]:
-        """The features of the exposed layers from the last forward pass (POD distils them)."""
+        """The features of the exposed layers from the last forward pass (POD distils them): the
+        hooked ``feature_layers`` when set, else what ``get_features`` appended."""
+        if self._feature_layers:
+            missing = [n for n, t in zip(self._feature_layers, self._hooked_features, strict=True) if t is None]
+            if missing:
+                raise ValueError(f"feature_layers {missing} produced no output in the last forward pass")
+            return list(self._hooked_features)  # type: ignore[arg-type]
         return self._intermediate_representation_cache
 
     def reset_intermediate_representation_cache(self) -> None:
         self._intermediate_representation_cache = []
+        self._hooked_features = [None] * len(self._feature_layers)
 
     def describe(self) -> dict[str, Any]:
         """Class name, hyperparameters and task ids: what a state folder needs to rebuild it."""
         return {"class": type(self).__name__, "hyperparameters": self.hyperparameters, "task_ids": self.task_ids}
+
+
+class _CaptureFeature:
+    """Forward hook storing a submodule's output as intermediate representation ``index`` of
+    ``owner`` (an object, not a closure, so that deep copies of the model hook their own copy)."""
+
+    def __init__(self, owner: ContinualModel, index: int, name: str) -> None:
+        self.owner = owner
+        self.index = index
+        self.name = name
+
+    def __call__(self, module: nn.Module, inputs: Any, output: Any) -> None:
+        tensor = output
+        if not isinstance(tensor, Tensor):
+            tensor = getattr(output, "last_hidden_state", None)
+        if tensor is None and isinstance(output, tuple | list):
+            tensor = next((t for t in output if isinstance(t, Tensor)), None)
+        if not isinstance(tensor, Tensor):
+            kind = type(output).__name__
+            raise ValueError(f"feature_layers: submodule {self.name!r} returned a {kind}, not a tensor")
+        hooked = self.owner._hooked_features
+        if len(hooked) != len(self.owner._feature_layers):  # forward not through owner.forward
+            hooked = self.owner._hooked_features = [None] * len(self.owner._feature_layers)
+        hooked[self.index] = tensor
 
 
 def rebuild_model(description: dict[str, Any]) -> ContinualModel:

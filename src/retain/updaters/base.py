@@ -22,6 +22,7 @@ from torch.utils.data import Dataset
 import retain
 from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
 from retain.learners.base import Learner, model_device, new_checkpoint
+from retain.models.adapter import as_continual_model, is_plain_description, unwrap
 from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
 from retain.state import (
@@ -80,7 +81,7 @@ class ModelUpdater:
 
     def __init__(
         self,
-        model: ContinualModel,
+        model: ContinualModel | nn.Module,
         loss_fn: nn.Module | Callable | None = None,
         optimizer: Callable[..., torch.optim.Optimizer] | None = None,
         learner_class: type[Learner] = Learner,
@@ -89,8 +90,7 @@ class ModelUpdater:
         output_state_folder: str | Path | None = None,
         **options: Any,
     ) -> None:
-        if not isinstance(model, ContinualModel):
-            raise TypeError(f"model must be a retain ContinualModel (RenateModule), got {type(model).__name__}")
+        model = as_continual_model(model)  # a plain nn.Module is wrapped (see retain.models.adapter)
         self.options = TrainingOptions.from_kwargs(type(self).__name__, **options)
         self.input_state_folder = Path(input_state_folder) if input_state_folder is not None else None
         self.output_state_folder = (
@@ -222,7 +222,8 @@ class ModelUpdater:
         val_dataset_collate_fn: Callable | None = None,
         task_id: str | None = None,
     ) -> ContinualModel:
-        """Trains on ``train_dataset`` and returns the model to predict with.
+        """Trains on ``train_dataset`` and returns the model to predict with (for a plain
+        ``nn.Module``, the module itself). The datasets may be map-style or iterable, or DataLoaders.
 
         With ``checkpoint_every_n_epochs`` it resumes from a matching in-progress checkpoint
         beside the output folder (see ``retain.checkpoint``) and removes it once the state is written.
@@ -233,9 +234,9 @@ class ModelUpdater:
             self.output_lock.acquire()  # again, when this updater's lock was released by an earlier update
         try:
             if distributed.wants_ddp(self.options):
-                return distributed.distributed_update(
+                return unwrap(distributed.distributed_update(
                     self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
-                )
+                ))  # fmt: skip
             return self._update_in_process(
                 train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
             )
@@ -275,7 +276,7 @@ class ModelUpdater:
                 self.save_state(self.output_state_folder)
             if checkpointer is not None:
                 checkpointer.discard()
-        return self.learner.inference_model()
+        return unwrap(self.learner.inference_model())  # a plain nn.Module comes back as the user's module
 
     def _train(self) -> FitResult:
         raise NotImplementedError
@@ -358,17 +359,22 @@ def secondary_rank() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_rank() > 0
 
 
-def load_model(state_folder: str | Path) -> ContinualModel:
+def load_model(state_folder: str | Path, model: nn.Module | None = None) -> nn.Module:
     """The model to predict with from a state folder, rebuilt from its registry entry (no pickle).
 
-    The recorded model is first built on the ``meta`` device (no memory) and its tensor names,
-    dtypes and shapes compared with the weights file's header; only a model that fits is built.
-    A read that races an update replacing the folder is retried on the new folder (a reader gets
-    the old or the new complete state, never a mix)."""
+    ``model``: a freshly built module to load the weights into, required for a state of a plain
+    ``nn.Module`` (which records no constructor): its class name and every weight's name, shape
+    and dtype must match the state, else a ``StateError`` says what differs. Returns ``model``
+    itself (in eval mode) when given.
+
+    Without ``model``, the recorded model is first built on the ``meta`` device (no memory) and
+    its tensor names, dtypes and shapes compared with the weights file's header; only a model that
+    fits is built. A read that races an update replacing the folder is retried on the new folder
+    (a reader gets the old or the new complete state, never a mix)."""
     for attempt in range(4):
         identity = _folder_identity(state_folder)
         try:
-            return _load_model_once(state_folder)
+            return _load_model_once(state_folder, model)
         except (StateError, OSError):
             if attempt == 3 or identity is None or _folder_identity(state_folder) == identity:
                 raise
@@ -384,7 +390,7 @@ def _folder_identity(folder: str | Path) -> tuple[int, int] | None:
     return info.st_dev, info.st_ino
 
 
-def _load_model_once(state_folder: str | Path) -> ContinualModel:
+def _load_model_once(state_folder: str | Path, model: nn.Module | None) -> nn.Module:
     from retain.models.base import rebuild_model
 
     state = StateFolder(state_folder)
@@ -394,21 +400,40 @@ def _load_model_once(state_folder: str | Path) -> ContinualModel:
     if len(description["task_ids"]) > len(header):
         heads = len(description["task_ids"])
         raise StateError(f"{where} holds {len(header)} tensors, too few for the {heads} task heads listed")
-    try:
-        with torch.device("meta"):
-            skeleton = rebuild_model(description)
-        check_tensor_specs(header, tensor_specs(skeleton.state_dict()), where, "the recorded model needs")
-        del skeleton
-        model = rebuild_model(description)
-    except (TypeError, ValueError, OverflowError, RuntimeError) as err:
-        raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {printable(err)}") from None
+    if model is not None:
+        target = as_continual_model(model)
+        mine = target.describe()
+        if mine["class"] != description["class"] or mine["hyperparameters"] != description["hyperparameters"]:
+            raise StateError(
+                f"{state.path / MANIFEST}: the state holds a {printable(description['class'])} with hyperparameters "
+                f"{printable(description['hyperparameters'])[:200]}, but the model given is a {mine['class']} "
+                f"with {printable(mine['hyperparameters'])[:200]}"
+            )
+        for task_id in description["task_ids"]:
+            target.add_task_params(task_id)
+    elif is_plain_description(description):
+        name = printable(description["class"])
+        raise StateError(
+            f"{state.path / MANIFEST}: the state holds a plain nn.Module ({name}), which records no constructor: "
+            f"rebuild it with retain.load_model(folder, model={name}(...))"
+        )
+    else:
+        try:
+            with torch.device("meta"):
+                skeleton = rebuild_model(description)
+            check_tensor_specs(header, tensor_specs(skeleton.state_dict()), where, "the recorded model needs")
+            del skeleton
+            target = rebuild_model(description)
+        except (TypeError, ValueError, OverflowError, RuntimeError) as err:
+            raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {printable(err)}") from None
+    check_tensor_specs(header, tensor_specs(target.state_dict()), where, "the model needs")
     weights = state.tensors("model.safetensors")
     check_finite(weights, where)
     try:
-        model.load_state_dict(weights, strict=True)
+        target.load_state_dict(weights, strict=True)
     except RuntimeError as err:
         raise StateError(f"{where} does not fit the recorded model: {err}") from None
-    return model.eval()
+    return unwrap(target).eval()
 
 
 __all__ = ["ModelUpdater", "SingleTrainingLoopUpdater", "load_model", "model_device", "resolve_device"]

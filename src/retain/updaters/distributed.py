@@ -73,6 +73,7 @@ import torch.distributed as dist
 from torch.utils.data import Dataset
 
 from retain.memory import ReservoirMemory
+from retain.models.adapter import PlainModuleAdapter, unwrap
 from retain.models.base import ContinualModel, rebuild_model
 from retain.options import TrainingOptions
 from retain.state import StateFolder
@@ -128,9 +129,39 @@ def derive_generator_state(state: torch.Tensor, rank: int, device: torch.device 
 
 
 def _empty_like(memory: ReservoirMemory, memory_size: int) -> ReservoirMemory:
+    extra = {"pad_values": memory.pad_values} if getattr(memory, "pad_values", None) else {}
     return ReservoirMemory(
-        memory_size, device=memory.device, transform=memory.transform, target_transform=memory.target_transform
-    )
+        memory_size, device=memory.device, transform=memory.transform, target_transform=memory.target_transform,
+        **extra,
+    )  # fmt: skip
+
+
+def _pad_value(meta: dict[str, Any], key: str) -> float:
+    """The fill of tensor ``key`` of a memory state when rows are padded to a longer item shape."""
+    if key == "inputs" or key.startswith("inputs."):
+        return meta.get("pad_values", {}).get(key[len("inputs.") :] if key != "inputs" else "", 0)
+    return 0
+
+
+def _padded(tensor: torch.Tensor, shape: tuple[int, ...], value: float) -> torch.Tensor:
+    """``tensor`` (rows, ...) padded at the end of its per-item dims to ``shape``."""
+    if tuple(tensor.shape[1:]) == tuple(shape):
+        return tensor
+    out = tensor.new_full((tensor.shape[0], *shape), value)
+    out[(slice(None), *(slice(0, s) for s in tensor.shape[1:]))] = tensor
+    return out
+
+
+def _with_leaf_shapes(meta: dict[str, Any], tensors: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """``meta`` with its ``input_leaves`` shapes set to those of ``tensors`` (after padding)."""
+    leaves = meta.get("input_leaves")
+    if not isinstance(leaves, dict):
+        return meta
+    fixed = {}
+    for path, leaf in leaves.items():
+        key = f"inputs.{path}" if path else "inputs"
+        fixed[path] = {**leaf, "shape": list(tensors[key].shape[1:])} if key in tensors else leaf
+    return {**meta, "input_leaves": fixed}
 
 
 def _item_keys(tensors: dict[str, torch.Tensor]) -> list[str]:
@@ -149,7 +180,8 @@ def shard_memory(memory: ReservoirMemory, rank: int, world_size: int) -> Reservo
         for key in _item_keys(tensors):
             part_tensors[key] = tensors[key][rank::world_size]
     names = meta["metadata_names"] if filled else []
-    part.load_state_dict({"memory_size": part.memory_size, "seen": seen, "metadata_names": names}, part_tensors)
+    part_meta = {**meta, "memory_size": part.memory_size, "seen": seen, "metadata_names": names}
+    part.load_state_dict(part_meta, part_tensors)
     return part
 
 
@@ -162,11 +194,15 @@ def merge_memories(
     with_items = [(meta, tensors) for meta, tensors in parts if "inputs" in tensors and len(tensors["inputs"])]
     names = list(with_items[0][0]["metadata_names"]) if with_items else []
     merged_tensors = {"generator_state": parts[0][1]["generator_state"]}
+    base_meta = with_items[0][0] if with_items else parts[0][0]
     if with_items:
         for key in _item_keys(with_items[0][1]):
-            merged_tensors[key] = torch.cat([tensors[key] for _, tensors in with_items])
+            rows = [tensors[key] for _, tensors in with_items]
+            shape = tuple(max(r.shape[d] for r in rows) for d in range(1, rows[0].dim()))  # longest item per dim
+            merged_tensors[key] = torch.cat([_padded(r, shape, _pad_value(base_meta, key)) for r in rows])
     merged = _empty_like(template, memory_size)
-    merged.load_state_dict({"memory_size": memory_size, "seen": seen, "metadata_names": names}, merged_tensors)
+    merged_meta = {**base_meta, "memory_size": memory_size, "seen": seen, "metadata_names": names}
+    merged.load_state_dict(_with_leaf_shapes(merged_meta, merged_tensors), merged_tensors)
     return merged
 
 
@@ -196,7 +232,16 @@ def gather_memory(local: ReservoirMemory, memory_size: int) -> ReservoirMemory:
     spec = {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
     infos = _all_gather_object({"meta": meta, "rows": rows, "spec": spec})
     max_rows = max(info["rows"] for info in infos)
-    reference = next((info["spec"] for info in infos if info["rows"]), None)
+    reference = next((dict(info["spec"]) for info in infos if info["rows"]), None)
+    if reference is not None:  # variable-length leaves: every rank sends rows padded to the longest item
+        for key, (shape, dtype_name) in list(reference.items()):
+            shapes = [info["spec"][key][0] for info in infos if info["rows"]]
+            reference[key] = (tuple(max(s[d] for s in shapes) for d in range(len(shape))), dtype_name)
+        if rows:
+            tensors = {k: _padded(v, reference[k][0], _pad_value(meta, k)) if k in reference and k != "generator_state"
+                       else v for k, v in tensors.items()}  # fmt: skip
+        for info in infos:
+            info["meta"] = _with_leaf_shapes(info["meta"], {k: torch.empty((0, *s)) for k, (s, _) in reference.items()})
     device = _comm_device(local.device)
     gathered: list[dict[str, torch.Tensor]] = [{} for _ in infos]
     if reference is not None:
@@ -271,6 +316,8 @@ def run_rank(
         new_batch_size = learner.train_batch_size
         if rank > 0:
             learner.generator.set_state(derive_generator_state(learner.generator.get_state(), rank))
+        if getattr(learner.train_dataloader(), "is_stream", False):
+            raise ValueError("train_dataset: an IterableDataset cannot be sharded over devices; use devices=1")
         indices = shard_indices(
             len(learner.train_dataloader().dataset), rank, world, learner.seed * 1_000_003 + learner.updates_done
         )
@@ -326,6 +373,7 @@ class _Payload:
     val_dataset_collate_fn: Callable | None
     task_id: str | None
     port: int
+    plain_module: torch.nn.Module | None = None  # a plain nn.Module's architecture (weights from source_state)
 
 
 def _free_port() -> int:
@@ -341,7 +389,7 @@ def _options_kwargs(options: TrainingOptions) -> dict[str, Any]:
 def _check_picklable(payload: _Payload) -> None:
     """Fails before starting workers, naming the part of the update that cannot be sent to them."""
     for name in ("loss_fn", "optimizer", "options", "learner_kwargs", "train_dataset_collate_fn",
-                 "val_dataset_collate_fn", "updater_class", "learner_class"):  # fmt: skip
+                 "val_dataset_collate_fn", "updater_class", "learner_class", "plain_module"):  # fmt: skip
         try:
             pickle.dumps(getattr(payload, name))
         except Exception as err:
@@ -384,7 +432,10 @@ def _run_spawned_rank(rank: int, world_size: int, payload: _Payload) -> None:
     options = dict(payload.options)
     if rank > 0:
         options["progress_bar"] = False
-    model = rebuild_model(StateFolder(payload.source_state).manifest["model"])
+    if payload.plain_module is not None:
+        model = payload.plain_module
+    else:
+        model = rebuild_model(StateFolder(payload.source_state).manifest["model"])
     updater = payload.updater_class.__new__(payload.updater_class)
     ModelUpdater.__init__(
         updater, model, payload.loss_fn, payload.optimizer, learner_class=payload.learner_class,
@@ -430,6 +481,7 @@ def _spawn_update(
             work_dir=tmp, train_dataset=train_dataset, val_dataset=val_dataset,
             train_dataset_collate_fn=train_dataset_collate_fn, val_dataset_collate_fn=val_dataset_collate_fn,
             task_id=task_id, port=_free_port(),
+            plain_module=unwrap(updater.model) if isinstance(updater.model, PlainModuleAdapter) else None,
         )  # fmt: skip
         _check_picklable(payload)
         try:

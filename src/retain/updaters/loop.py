@@ -84,7 +84,7 @@ def fit(
         model.train()
         source = learner.train_dataloader()
         bar = tqdm(
-            total=len(source),
+            total=getattr(source, "num_batches", None) if hasattr(source, "num_batches") else len(source),
             desc=f"{description} epoch {epoch + 1}/{epochs}",
             disable=None if o.progress_bar else True,
             leave=False,

@@ -1,0 +1,118 @@
+"""Variable-length sequences: a collate that pads each batch to its longest item replays correctly.
+
+The model is padding-invariant by construction (masked mean of embeddings), so with a learning
+rate of 0 every logit the memory stored (from the joined new + replayed forward pass, whatever
+length that batch was padded to) must equal the model's logits on the item alone, unpadded. A
+replayed batch padded with the wrong value (e.g. mask 1 on padding, or a pad token that is not
+the model's) would change them.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+import retain
+
+PAD = 7  # a pad token id other than 0: the memory and the join must use the declared pad value
+
+
+class Sequences(Dataset):
+    """Items ``{"input_ids": (L,), "labels": c}`` with L from 2 to 12; the label is the first token mod 3."""
+
+    def __init__(self, n: int = 60, seed: int = 0) -> None:
+        g = torch.Generator().manual_seed(seed)
+        self.items = []
+        for _ in range(n):
+            length = int(torch.randint(2, 13, (1,), generator=g))
+            ids = torch.randint(8, 40, (length,), generator=g)
+            self.items.append((ids, int(ids[0]) % 3))
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def __getitem__(self, i: int) -> dict[str, Tensor | int]:
+        return {"input_ids": self.items[i][0], "labels": self.items[i][1]}
+
+
+def pad_collate(items: list[dict]) -> dict[str, Tensor]:
+    longest = max(len(item["input_ids"]) for item in items)
+    ids = torch.full((len(items), longest), PAD, dtype=torch.long)
+    for row, item in enumerate(items):
+        ids[row, : len(item["input_ids"])] = item["input_ids"]
+    labels = torch.tensor([item["labels"] for item in items])
+    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
+
+
+class MaskedMeanClassifier(nn.Module):
+    """``linear(masked mean of embeddings)``: padding cannot change a logit, except through the mask."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed = nn.Embedding(40, 8)
+        self.out = nn.Linear(8, 3)
+
+    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
+        mask = attention_mask.unsqueeze(-1).float()
+        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
+
+
+def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tmp_path) -> None:
+    torch.manual_seed(0)
+    model = MaskedMeanClassifier()
+    updater = retain.DarkExperienceReplayModelUpdater(
+        model, optimizer=functools.partial(torch.optim.SGD, lr=0.0), memory_size=25, memory_batch_size=6,
+        batch_size=5, max_epochs=2, accelerator="cpu", pad_values={"input_ids": PAD},
+        output_state_folder=tmp_path / "s1",
+    )  # fmt: skip
+    lengths = []  # (new batch length, joined batch length) per forward
+    real_forward, real_step = updater.learner._forward, updater.learner.training_step
+
+    def spy_step(batch, batch_idx):
+        lengths.append([batch[0]["input_ids"].shape[1]])
+        return real_step(batch, batch_idx)
+
+    def spy_forward(inputs):
+        lengths[-1].append(inputs["input_ids"].shape[1])
+        return real_forward(inputs)
+
+    updater.learner.training_step, updater.learner._forward = spy_step, spy_forward
+    updater.update(Sequences(seed=0), train_dataset_collate_fn=pad_collate)
+    memory = updater.learner.memory
+    inputs, _, metadata = memory.raw_items()
+    ids, mask = inputs["input_ids"], inputs["attention_mask"]
+    assert ids.shape[1] == 12, "the column grew to the longest item seen"
+    assert len({new for new, *_ in lengths}) > 3, "new batches came padded to several lengths"
+    assert any(new < joined[0] for new, *joined in lengths if joined), "new batches padded up to the memory's length"
+    assert bool(((mask == 0) == (ids == PAD)).all()), "padding is the declared pad id with mask 0"
+    known = {tuple(item[0].tolist()) for item in Sequences(seed=0).items}
+    model.eval()
+    with torch.no_grad():
+        for row in range(len(memory)):
+            alone = ids[row][mask[row].bool()]
+            assert tuple(alone.tolist()) in known
+            expected = model(alone[None], torch.ones_like(alone)[None])
+            torch.testing.assert_close(metadata["logits"][row : row + 1], expected, rtol=1e-5, atol=1e-6)
+
+    # a second update of shorter sequences, from the state folder: new batches padded up to the memory's length
+    shorter = Sequences(seed=1)
+    shorter.items = [(ids[:3], label) for ids, label in shorter.items]
+    again = retain.DarkExperienceReplayModelUpdater(
+        MaskedMeanClassifier(), optimizer=functools.partial(torch.optim.SGD, lr=0.0), memory_size=25,
+        memory_batch_size=6, batch_size=5, max_epochs=1, accelerator="cpu", pad_values={"input_ids": PAD},
+        input_state_folder=tmp_path / "s1",
+    )  # fmt: skip
+    again.update(DataLoader(shorter, batch_size=64, collate_fn=pad_collate))  # a user's DataLoader: its collate
+    inputs, _, metadata = again.learner.memory.raw_items()
+    restored = again.learner.memory
+    with torch.no_grad():
+        for row in range(len(restored)):
+            ids_row, mask_row = inputs["input_ids"][row], inputs["attention_mask"][row]
+            alone = ids_row[mask_row.bool()]
+            item = {"input_ids": alone[None], "attention_mask": torch.ones_like(alone)[None]}
+            expected = again.model(item)  # the adapter: nested inputs in, logits out
+            torch.testing.assert_close(metadata["logits"][row : row + 1], expected, rtol=1e-5, atol=1e-6)
+    assert bool((inputs["attention_mask"].sum(1) == 3).any()), "short items entered the memory"
