@@ -89,7 +89,33 @@ def split_batch(batch: Any, where: str = "batch") -> tuple[NestedTensors, Tensor
         nested.leaves(inputs)
     except TypeError as err:
         raise ValueError(f"{where}: {err}") from None
-    return inputs, targets
+    return inputs, as_class_indices(targets)
+
+
+def as_class_indices(targets: Tensor) -> Tensor:
+    """Integer labels of any integer dtype as int64 (what the losses and the memory take), e.g. the
+    int32 labels numpy gives; floating or bool targets are left for the data checks to refuse."""
+    if targets.dtype != torch.long and not targets.dtype.is_floating_point and targets.dtype != torch.bool:
+        return targets.long()
+    return targets
+
+
+def first_bad_item(inputs: NestedTensors, targets: Tensor, num_classes: int | None) -> tuple[int, str] | None:
+    """``(position, problem)`` of the first item of a batch with a label outside ``[0, num_classes)``
+    or a NaN/Inf input, else ``None`` (one host check of the batch; the search runs only on failure)."""
+    bad = torch.zeros(targets.shape[0], dtype=torch.bool, device=targets.device)
+    if num_classes is not None and targets.dim() == 1 and not targets.dtype.is_floating_point:
+        bad |= (targets < 0) | (targets >= num_classes)
+    for _, leaf in nested.leaves(inputs):
+        if leaf.dtype.is_floating_point and leaf.dim() >= 1 and leaf.shape[0] == targets.shape[0]:
+            bad |= ~torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)
+    if not bool(bad.any()):
+        return None
+    position = int(bad.nonzero()[0, 0])
+    label = int(targets[position]) if targets.dim() == 1 and not targets.dtype.is_floating_point else None
+    if num_classes is not None and label is not None and not 0 <= label < num_classes:
+        return position, f"label {label} lies outside [0, {num_classes - 1}] for this model"
+    return position, "its inputs contain NaN or Inf"
 
 
 def unwrap_loader(
@@ -298,10 +324,11 @@ class BatchSource:
         self.loader_options = loader_options or LoaderOptions()
         self.where = where
         self._loader: DataLoader | None = None
+        self.num_classes: int | None = None  # set once known: batches from a loader are then checked
         tensors = dataset_tensors(dataset) if collate_fn is None else None
         self.tensors: tuple[NestedTensors, Tensor] | None = None
         if tensors is not None:
-            self.tensors = (nested.to_device(tensors[0], device), tensors[1].to(device))
+            self.tensors = (nested.to_device(tensors[0], device), as_class_indices(tensors[1]).to(device))
 
     @property
     def is_stream(self) -> bool:
@@ -341,6 +368,29 @@ class BatchSource:
         x, y = split_batch(batch, self.where)
         return nested.to_device(x, self.device), y.to(self.device)
 
+    def _check_loaded(self, inputs: NestedTensors, targets: Tensor, seen: int) -> None:
+        """A bad label or a NaN/Inf input anywhere in the data is one ValueError naming the item
+        (its index in a map-style dataset, its position in a stream), never an IndexError later."""
+        found = first_bad_item(inputs, targets, self.num_classes)
+        if found is None:
+            return
+        position, problem = found
+        if self.is_stream or self.shuffle:
+            index = self._locate_bad_item() if not self.is_stream else None
+            where = f"item {index}" if index is not None else f"item {seen + position} of the stream"
+        else:
+            where = f"item {seen + position}"
+        raise ValueError(f"{self.where}: {where}: {problem}")
+
+    def _locate_bad_item(self) -> int | None:
+        """The index of the first bad item of a map-style dataset (read item by item: error path only)."""
+        collate = self.collate_fn if self.collate_fn is not None else default_collate
+        for i in range(self.length or 0):
+            x, y = split_batch(collate([self.dataset[i]]), self.where)
+            if first_bad_item(x, y, self.num_classes) is not None:
+                return i
+        return None
+
     def __iter__(self) -> Iterator[tuple[NestedTensors, Tensor]]:
         if self.tensors is None:
             if self._loader is None:
@@ -348,8 +398,12 @@ class BatchSource:
                     self.dataset, self.batch_size, self.collate_fn, self.loader_options,
                     self.shuffle, self.generator, self.device,
                 )  # fmt: skip
+            seen = 0
             for batch in self._loader:
                 x, y = split_batch(batch, self.where)
+                if self.num_classes is not None or self.is_stream:
+                    self._check_loaded(x, y, seen)  # on the host, before the batch reaches the model
+                seen += y.shape[0]
                 yield nested.to_device(x, self.device, non_blocking=True), y.to(self.device, non_blocking=True)
             return
         inputs, targets = self.tensors

@@ -157,7 +157,8 @@ class Learner:
             raise ValueError(f"{name}: {n} inputs but {targets.shape[0]} targets in a batch")
         for path, leaf in nested.leaves(inputs):
             if leaf.dtype.is_floating_point and not bool(torch.isfinite(leaf).all()):
-                raise ValueError(f"{name}: inputs{'.' + path if path else ''} contain NaN or Inf")
+                bad = int((~torch.isfinite(leaf.reshape(leaf.shape[0], -1)).all(dim=1)).nonzero()[0, 0])
+                raise ValueError(f"{name}: item {bad}: inputs{'.' + path if path else ''} contain NaN or Inf")
         probe_x, _ = self.transform_train(nested.index(inputs, slice(0, 2)), targets[:2])
         was_training = self.model.training
         try:
@@ -177,7 +178,12 @@ class Learner:
         num_classes = logits.shape[-1]
         lo, hi = int(targets.min()), int(targets.max())
         if lo < 0 or hi >= num_classes:
-            raise ValueError(f"{name}: labels must lie in [0, {num_classes - 1}] for this model, found [{lo}, {hi}]")
+            bad = int(((targets < 0) | (targets >= num_classes)).nonzero()[0, 0])
+            raise ValueError(
+                f"{name}: labels must lie in [0, {num_classes - 1}] for this model, found [{lo}, {hi}] "
+                f"(first at item {bad})"
+            )
+        source.num_classes = num_classes  # every later batch from a loader is checked on the host
 
     def _compute_class_mask(self, source: BatchSource) -> Tensor:
         """The classes of this update: ``update_classes`` when declared, else the labels of the
