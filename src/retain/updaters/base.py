@@ -20,7 +20,7 @@ from torch.utils.data import Dataset
 
 import retain
 from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
-from retain.learners.base import Learner, model_device, new_checkpoint
+from retain.learners.base import Learner, model_device, new_checkpoint, use_float64
 from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
 from retain.state import (
@@ -103,6 +103,8 @@ class ModelUpdater:
         self.learner_kwargs = dict(learner_kwargs or {})
         self.device = resolve_device(self.options.accelerator, self.options.devices)
         self.model = model.to(self.device)
+        if self.options.float64:  # before the weights are loaded: a float64 state holds float64 tensors
+            use_float64(self.model)
         self._state: StateFolder | None = None
         if self.input_state_folder is not None:
             self._state = StateFolder(self.input_state_folder)
@@ -316,6 +318,8 @@ def load_model(state_folder: str | Path) -> ContinualModel:
     except (TypeError, ValueError) as err:
         raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {err}") from None
     weights = state.tensors("model.safetensors")
+    if any(v.dtype == torch.float64 for v in weights.values()):  # written by a precision='64' update
+        use_float64(model)
     check_model_weights(model, weights, state.path / "model.safetensors")
     try:
         model.load_state_dict(weights, strict=True)
