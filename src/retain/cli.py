@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import importlib.util
 import inspect
 import json
 import sys
+import traceback
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -239,8 +241,35 @@ def load_config(path: str | Path) -> ModuleType:
     spec = importlib.util.spec_from_file_location(f"retain_user_config_{path.stem}", path)
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
+    try:
+        spec.loader.exec_module(module)
+    except SyntaxError as err:
+        raise CLIError(f"{path}:{err.lineno}: SyntaxError: {err.msg}: {(err.text or '').strip()}") from None
+    except Exception as err:
+        raise CLIError(config_error(path, err, "the module body")) from None
     return module
+
+
+def config_error(path: str | Path, err: BaseException, called: str) -> str:
+    """One line naming the config file, the line and the function of the user's code where ``err``
+    was raised (the innermost frame in the config file), and the error."""
+    where = str(path)
+    frames = [f for f in traceback.extract_tb(err.__traceback__) if Path(f.filename).resolve() == Path(path).resolve()]
+    if frames:
+        last = frames[-1]
+        function = "the module body" if last.name == "<module>" else f"{last.name}()"
+        where = f"{path}:{last.lineno} in {function}"
+    else:
+        where = f"{path}, calling {called}"
+    return f"{where}: {type(err).__name__}: {err}"
+
+
+def call_config(path: str | Path, name: str, fn: Callable[..., Any], *args: Any) -> Any:
+    """Calls the config's ``name`` function, turning any error into one line naming file, line and function."""
+    try:
+        return fn(*args)
+    except Exception as err:
+        raise CLIError(config_error(path, err, f"{name}()")) from None
 
 
 def _config_function(config: ModuleType, name: str, path: str, required: bool = True) -> Any:
@@ -286,18 +315,27 @@ def _update(argv: Sequence[str]) -> int:
     if method not in METHODS:
         raise CLIError(f"unknown method {method!r} (from --method or the config's METHOD); "
                        f"choose one of: {', '.join(METHODS)}")
-    model = _config_function(config, "model_fn", args.config)()
-    train = _config_function(config, "train_dataset_fn", args.config)()
-    val_fn = _config_function(config, "val_dataset_fn", args.config, required=False)
-    optimizer_fn = _config_function(config, "optimizer_fn", args.config, required=False)
-    loss_fn = _config_function(config, "loss_fn", args.config, required=False)
-    optimizer = optimizer_fn or (lambda params: torch.optim.SGD(params, lr=0.01))
-    options = dict(getattr(config, "UPDATER_OPTIONS", {}))
+    path = args.config
+    model = call_config(path, "model_fn", _config_function(config, "model_fn", path))
+    train = call_config(path, "train_dataset_fn", _config_function(config, "train_dataset_fn", path))
+    val_fn = _config_function(config, "val_dataset_fn", path, required=False)
+    optimizer_fn = _config_function(config, "optimizer_fn", path, required=False)
+    loss_fn = _config_function(config, "loss_fn", path, required=False)
+    optimizer = optimizer_fn or functools.partial(torch.optim.SGD, lr=0.01)
+    options = getattr(config, "UPDATER_OPTIONS", {})
+    if not isinstance(options, dict):
+        raise CLIError(f"{path}: UPDATER_OPTIONS must be a dict of updater keyword arguments, got "
+                       f"{type(options).__name__}")
+    options = dict(options)
     options.setdefault("progress_bar", True)
-    updater = METHODS[method].updater(model, loss_fn() if loss_fn else None, optimizer,
-                                      input_state_folder=args.input_state, output_state_folder=args.output_state,
-                                      **options)
-    updater.update(train, val_fn() if val_fn else None, task_id=getattr(config, "TASK_ID", None))
+    try:
+        updater = METHODS[method].updater(model, call_config(path, "loss_fn", loss_fn) if loss_fn else None,
+                                          optimizer, input_state_folder=args.input_state,
+                                          output_state_folder=args.output_state, **options)
+    except (TypeError, ValueError) as err:
+        raise CLIError(f"{path}: UPDATER_OPTIONS for METHOD {method!r}: {err}") from None
+    val = call_config(path, "val_dataset_fn", val_fn) if val_fn else None
+    updater.update(train, val, task_id=getattr(config, "TASK_ID", None))
     print(f"updated with {method}: state written to {args.output_state}")
     return 0
 
@@ -314,7 +352,7 @@ def _evaluate(argv: Sequence[str]) -> int:
     p.add_argument("--output", default=None, help="optional JSON file for the result")
     args = p.parse_args(argv)
     config = load_config(args.config)
-    test = _config_function(config, "test_dataset_fn", args.config)()
+    test = call_config(args.config, "test_dataset_fn", _config_function(config, "test_dataset_fn", args.config))
     transform = getattr(config, "TEST_TRANSFORM", None)
     model = load_model(args.state)
     inputs, targets = materialize(test)
