@@ -158,7 +158,9 @@ def _benchmark_parser(
                 extra = ""
                 if len(set(map(repr, values.values()))) > 1:
                     extra = "; " + ", ".join(f"{k}: {v}" for k, v in values.items())
-                source = note if name == "memory_size" and "memory_size" in recipe else ""
+                from_recipe = name == "memory_size" and "memory_size" in recipe
+                from_recipe |= any(name in recipe.get("methods", {}).get(k, {}) for k in known)
+                source = note if from_recipe else ""
                 _add_option(o, name, shown, annotations.get(name), method_docs.get(name, name), source + extra)
     return p
 
@@ -213,6 +215,8 @@ def benchmark_config(args: argparse.Namespace, method: str | None = None) -> Any
                       is not None}
     if "memory_size" in defaults:
         method_options.setdefault("memory_size", defaults["memory_size"])
+    for name, value in recipe.get("methods", {}).get(method, {}).items():
+        method_options.setdefault(name, value)
     training_options = {n: getattr(args, n) for n in TRAINING_FLAGS if getattr(args, n) is not None}
     for name, value in training_defaults.items():
         training_options.setdefault(name, value)
@@ -335,7 +339,12 @@ def _update(argv: Sequence[str]) -> int:
     except (TypeError, ValueError) as err:
         raise CLIError(f"{path}: UPDATER_OPTIONS for METHOD {method!r}: {err}") from None
     val = call_config(path, "val_dataset_fn", val_fn) if val_fn else None
-    updater.update(train, val, task_id=getattr(config, "TASK_ID", None))
+    from retain.updaters.distributed import shutdown_process_group
+
+    try:
+        updater.update(train, val, task_id=getattr(config, "TASK_ID", None))
+    finally:
+        shutdown_process_group()  # torchrun: leave the process group cleanly, never abort at exit
     print(f"updated with {method}: state written to {args.output_state}")
     return 0
 

@@ -237,6 +237,21 @@ def _destroy_process_group() -> None:
         dist.destroy_process_group()
 
 
+def shutdown_process_group() -> None:
+    """Ends a launched job's process group cleanly: a barrier (no rank leaves while another is
+    still in a collective), then ``destroy_process_group``. A process that exits with a live gloo
+    or nccl group can abort at interpreter exit ("terminate called without an active exception",
+    SIGABRT) after its work is done, which a scheduler counts as a failure. ``retain update``
+    calls this before it returns; a script running several updates in one job calls it once at
+    the end (an atexit hook destroys the group otherwise)."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 # ------------------------------------------------------------------------------------ one rank
 def run_rank(
     updater: ModelUpdater,
@@ -488,5 +503,6 @@ __all__ = [
     "shard_indices",
     "shard_memory",
     "share",
+    "shutdown_process_group",
     "wants_ddp",
 ]
