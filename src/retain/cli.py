@@ -23,7 +23,7 @@ retain: continual learning that keeps what it learned.
   retain benchmark --method er --help   every option of one method
   retain update --config my_config.py --input-state state/v1 --output-state state/v2
   retain evaluate --config my_config.py --state state/v2
-  retain tune --method er --search-space space.json --trials 20   (needs `pip install retain[tune]`)
+  retain tune --method er --search-space space.json --trials 20   (needs Syne Tune: `pip install -e '.[tune]'` in a clone)
 """
 
 from retain.benchmark_recipes import RECIPES  # noqa: E402  (re-exported: the recipes moved)

@@ -5,7 +5,7 @@ Each trial runs a full benchmark sequence (``retain.benchmark.run_benchmark``) w
 average accuracy after the last update over all tasks' *validation* parts (``val_fraction`` of
 each task's train data, held out). Test data is never read during a search.
 
-The search runs on Syne Tune (``pip install retain[tune]``): a scheduler proposes configurations,
+The search runs on Syne Tune (``pip install -e '.[tune]'`` in a clone of retain): a scheduler proposes configurations,
 a trial backend runs each as a process of ``python -m retain.tune_worker`` (the file
 ``retain/tune_worker.py``), which reports ``val_accuracy`` through ``syne_tune.Reporter``. The
 local backend runs ``--workers`` trials at a time on this machine (rotating GPUs when there are
@@ -57,7 +57,10 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 # BenchmarkConfig fields a search may set; the others define the sequence and how it is scored.
 CONFIG_OPTIONS = ("model", "hidden_sizes", "width", "optimizer", "learning_rate", "momentum", "weight_decay",
                   "augment")  # fmt: skip
-INSTALL_HINT = "syne-tune is not installed: run `pip install retain[tune]` (or pip install syne-tune)"
+INSTALL_HINT = (
+    "syne-tune is not installed: run `pip install -e '.[tune]'` in the retain clone "
+    "(or `pip install 'retain-cl[tune]'`; the PyPI package named `retain` is another project)"
+)
 
 
 # --------------------------------------------------------------------------------- search space
