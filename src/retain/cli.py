@@ -23,7 +23,8 @@ retain: continual learning that keeps what it learned.
   retain benchmark --method er --help   every option of one method
   retain update --config my_config.py --input-state state/v1 --output-state state/v2
   retain evaluate --config my_config.py --state state/v2
-  retain tune --method er --search-space space.json --trials 20   (needs Syne Tune: `pip install -e '.[tune]'` in a clone)
+  retain benchmark --method er derpp finetune --seed 0 1 2   several methods, one comparison.png
+  retain tune --method er --search-space space.json --trials 20   (Syne Tune: `pip install -e '.[tune]'`)
 """
 
 from retain.benchmark_recipes import RECIPES  # noqa: E402  (re-exported: the recipes moved)
@@ -302,18 +303,54 @@ A config file is Python that defines:
 """
 
 
-def _update(argv: Sequence[str]) -> int:
-    import torch
-
-    from retain.benchmark import METHODS
-
+def update_parser() -> argparse.ArgumentParser:
+    """The flags of ``retain update``."""
     p = argparse.ArgumentParser(prog="retain update", description="Run one update of your own model and data.",
                                 epilog=CONFIG_CONVENTION, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--config", required=True, help="Python config file (see below)")
     p.add_argument("--input-state", default=None, help="state folder of the previous update (omit for the first)")
     p.add_argument("--output-state", required=True, help="where to write the new state folder")
     p.add_argument("--method", default=None, help="overrides the config's METHOD")
-    args = p.parse_args(argv)
+    return p
+
+
+def evaluate_parser() -> argparse.ArgumentParser:
+    """The flags of ``retain evaluate``."""
+    p = argparse.ArgumentParser(prog="retain evaluate", description="Accuracy of a saved state on your test data.",
+                                epilog=CONFIG_CONVENTION, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--state", required=True, help="a state folder written by an update")
+    p.add_argument("--config", required=True, help="Python config file providing test_dataset_fn()")
+    p.add_argument("--output", default=None, help="optional JSON file for the result")
+    return p
+
+
+def parse_command(argv: Sequence[str]) -> argparse.Namespace:
+    """Parses a whole ``retain`` command line (``argv`` without the program name) without running
+    it: raises ``CLIError`` or ``SystemExit`` where ``retain`` would refuse it. The README's
+    commands are checked with this."""
+    argv = list(argv)
+    if not argv or argv[0].startswith("-"):
+        argv = ["benchmark", *argv]
+    command, rest = argv[0], argv[1:]
+    if command == "benchmark":
+        return parse_benchmark_args(rest)
+    if command == "tune":
+        from retain.tune import add_tune_arguments
+
+        return parse_benchmark_args(rest, prog="retain tune", output="runs/tune", customize=add_tune_arguments)
+    if command == "update":
+        return update_parser().parse_args(rest)
+    if command == "evaluate":
+        return evaluate_parser().parse_args(rest)
+    raise CLIError(f"unknown command {command!r}; choose one of: {', '.join(COMMANDS)}")
+
+
+def _update(argv: Sequence[str]) -> int:
+    import torch
+
+    from retain.benchmark import METHODS
+
+    args = update_parser().parse_args(argv)
     config = load_config(args.config)
     method = args.method or getattr(config, "METHOD", None)
     if method not in METHODS:
@@ -354,12 +391,7 @@ def _evaluate(argv: Sequence[str]) -> int:
     from retain.evaluation import accuracy
     from retain.updaters import load_model
 
-    p = argparse.ArgumentParser(prog="retain evaluate", description="Accuracy of a saved state on your test data.",
-                                epilog=CONFIG_CONVENTION, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--state", required=True, help="a state folder written by an update")
-    p.add_argument("--config", required=True, help="Python config file providing test_dataset_fn()")
-    p.add_argument("--output", default=None, help="optional JSON file for the result")
-    args = p.parse_args(argv)
+    args = evaluate_parser().parse_args(argv)
     config = load_config(args.config)
     test = call_config(args.config, "test_dataset_fn", _config_function(config, "test_dataset_fn", args.config))
     transform = getattr(config, "TEST_TRANSFORM", None)
