@@ -376,13 +376,18 @@ def _update(argv: Sequence[str]) -> int:
     except (TypeError, ValueError) as err:
         raise CLIError(f"{path}: UPDATER_OPTIONS for METHOD {method!r}: {err}") from None
     val = call_config(path, "val_dataset_fn", val_fn) if val_fn else None
-    from retain.updaters.distributed import shutdown_process_group
+    from retain.updaters import distributed
 
     try:
         updater.update(train, val, task_id=getattr(config, "TASK_ID", None))
-    finally:
-        shutdown_process_group()  # torchrun: leave the process group cleanly, never abort at exit
+    except BaseException:
+        if distributed.dist.is_available() and distributed.dist.is_initialized():
+            distributed.dist.destroy_process_group()  # no barrier: a peer may be gone
+        raise
+    launched = distributed.shutdown_process_group()  # torchrun: leave the group cleanly
     print(f"updated with {method}: state written to {args.output_state}")
+    if launched:
+        distributed.exit_launched_job(0)  # never abort at exit after a complete update
     return 0
 
 
