@@ -22,7 +22,10 @@ field                    type                    meaning
 ``average_accuracy``     float                   ``mean_j R[T-1][j]`` (GEM ACC)
 ``backward_transfer``    float                   ``1/(T-1) sum_{j<T-1} R[T-1][j] - R[j][j]`` (GEM BWT)
 ``forward_transfer``     float | null            ``1/(T-1) sum_{j>=1} R[j-1][j] - b[j]`` (GEM FWT);
-                                                 ``null`` when ``initial_accuracy`` is unknown
+                                                 ``null`` when ``initial_accuracy`` is unknown;
+                                                 negative by construction in class-incremental
+                                                 runs (R[j-1][j] ~ 0: unseen classes are never
+                                                 predicted; b[j] ~ chance)
 ``average_forgetting``   float                   ``1/(T-1) sum_{j<T-1} max_{j<=l<=T-2} R[l][j] -
                                                  R[T-1][j]`` (Chaudhry et al. 2018)
 ``train_seconds``        list[float]             length ``T``; wall-clock training seconds of update
@@ -31,6 +34,10 @@ field                    type                    meaning
                                                  model at initialisation (before any update)
 ``task_ids``             list[str], optional     length ``T``; task names, used as axis labels
 ``seed``                 int, optional           random seed of the run
+``task_classes``         list[list[int]], opt.   the classes of each task, as the scenario resolved
+                                                 them (``retain benchmark`` writes it)
+``versions``             dict, optional          top level: versions of retain, torch, numpy and
+                                                 Python that produced the result
 ======================== ======================= ==================================================
 
 Any other field is kept as given. Metric formulas: :mod:`retain.evaluation.metrics`.
@@ -629,8 +636,8 @@ def _plot_comparison(curves: Mapping[str, tuple[np.ndarray, np.ndarray, _View]])
     ax.set_xlabel("After training on task")
     ax.set_ylabel("Average accuracy on the tasks seen so far (%)")
     ax.grid(True, alpha=0.3)
-    note = f" ({first.seeds_note()}, shaded)" if first.multi else ""
-    ax.set_title(f"One line per method, same scenario and seeds{note}; legend: after the last update", fontsize=9)
+    note = f"{first.seeds_note()} (shaded); " if first.multi else ""
+    ax.set_title(f"Same scenario and seeds for every method; {note}legend: after the last update", fontsize=9)
     parts = [str(first.config.get(k)) for k in ("dataset", "scenario") if first.config.get(k)]
     fig.suptitle("Method comparison" + (": " + " · ".join(parts) if parts else ""), fontweight="bold")
     ax.legend(loc="lower left", fontsize=9, frameon=True)
@@ -690,4 +697,13 @@ def format_table(result: Mapping[str, Any]) -> str:
         v = _fmt_metric(view.metrics[k], s)
         lines.append(f"{label.ljust(lw)} : {v}{' ' + unit if v != 'n/a' else ''}")
     lines.append(f"{'Train time'.ljust(lw)} : {_fmt_seconds(view.train_total, view.train_total_std)}")
+    if view.config.get("scenario") == "class-incremental" and view.metrics.get("forward_transfer") is not None:
+        lines.append(CLASS_INCREMENTAL_FWT_NOTE)
     return "\n".join(lines)
+
+
+CLASS_INCREMENTAL_FWT_NOTE = (
+    "Forward transfer is negative by construction in class-incremental runs: before training on\n"
+    "task j the model was trained only on earlier classes and never predicts task j's, so R[j-1][j]\n"
+    "is ~0, while b[j], the untrained model's accuracy on task j, is near chance: FWT ~ -mean b[j]."
+)
