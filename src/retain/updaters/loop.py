@@ -70,6 +70,8 @@ def fit(
     params = [p for p in model.parameters() if p.requires_grad]
     result = FitResult(epochs=start_epoch, history=list(history or []))
     best, stale = monitor_history(o, result.history)
+    if start_epoch == 0 or o.metric is None:
+        learner.best_state = None  # only a resumed update carries its best epoch's weights in
     started = time.perf_counter()
     if start_epoch == 0:
         learner.on_train_start()
