@@ -2,10 +2,11 @@
 
 Every row runs through ``retain.benchmark.run_benchmark`` (the path of ``retain benchmark``: one
 updater per task built from the previous state folder, report written under the row's folder)
-with the hyperparameters Mammoth publishes (``/work/shared/reference/der-paper.md``), and is
-compared with the published average accuracy (``der-paper-results.md``).
+with the hyperparameters Mammoth publishes (``utils/best_args.py`` of the Mammoth repository, the
+DER authors' code), and is compared with the average accuracy the papers publish (the DER paper's
+Table 2; CLS-ER's paper for CLS-ER), both copied into the tables of ``benchmarks/results_der.md``.
 
-    .venv/bin/python benchmarks/der_reproduction.py --data-dir /work/shared/data \
+    .venv/bin/python benchmarks/der_reproduction.py --data-dir ../shared/data \
         --protocol all --seeds 0 1 2 --out runs/der_repro
 
 prints and writes ``<out>/table_<protocol>.md``: method, memory, settings, our mean ± std over the
@@ -65,7 +66,7 @@ PROTOCOLS = {
     "perm-mnist": Protocol("perm-mnist", "Perm-MNIST, domain-incremental (20 permutations)", "permuted", 20, 128),
 }
 
-SUM = {"loss_normalization": 0}  # the paper sums the loss terms (DER/DER++); see der-paper.md
+SUM = {"loss_normalization": 0}  # the paper sums the loss terms (DER/DER++), as Mammoth does
 
 
 def _cls(new: int, mem: int, reg: float, sf: float, s_alpha: float, pf: float, p_alpha: float) -> dict[str, Any]:

@@ -27,6 +27,10 @@ def _digits() -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def model_fn() -> retain.ContinualModel:
+    # The updater's `seed` covers what the update draws (data order, memory, dropout), not the
+    # weights of the model it is given: seed them here, so the first update is repeatable (and a
+    # killed first update resumes from its checkpoint). Later updates load the weights from the state.
+    torch.manual_seed(0)
     return retain.MultiLayerPerceptron(num_inputs=64, num_outputs=10, hidden_sizes=[100, 100])
 
 

@@ -311,17 +311,9 @@ def set_global_rng_state(meta: dict[str, Any], tensors: dict[str, Tensor], where
 # ---------------------------------------------------------------------------------------------
 def _epoch_stops_early(options: Any, history: list[dict[str, float]]) -> bool:
     """True when the loop's early-stopping rule ends training after the last epoch of ``history``."""
-    if not (options.early_stopping_enabled and options.metric) or not history:
-        return False
-    best = None
-    for entry in history[:-1]:
-        value = entry.get(options.metric)
-        if value is not None and (best is None or (value < best if options.mode == "min" else value > best)):
-            best = value
-    last = history[-1].get(options.metric)
-    if last is None or best is None:
-        return False
-    return not (last < best if options.mode == "min" else last > best)
+    from retain.updaters.loop import stops_early  # the loop's own rule (patience), defined once
+
+    return stops_early(options, history)
 
 
 class ResumeCheckpointer:

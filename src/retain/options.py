@@ -8,6 +8,10 @@ dataclass: every updater and learner takes them as ``**options`` and builds a
 from __future__ import annotations
 
 import dataclasses
+import difflib
+import inspect
+import re
+import typing
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -20,6 +24,7 @@ PRECISIONS = ("32", "32-true", "64", "64-true", "16-mixed", "bf16-mixed")
 SCHEDULER_INTERVALS = ("epoch", "step")
 MODES = ("min", "max")
 CLIP_ALGORITHMS = (None, "norm", "value")
+MASK_CLASS_SETS = ("current", "current_and_memory")
 
 
 @dataclass
@@ -30,9 +35,49 @@ class TrainingOptions:
     (the spec's per-item torchvision transforms would force a per-item loop on the CPU).
     ``buffer_transform`` defaults to ``train_transform``: memory items are stored raw, as the
     new data arrives, and must be made model-ready the same way.
-    ``logger`` is any object with ``log_metrics(metrics: dict, step: int)`` (Lightning's loggers
-    fit); ``None`` logs nothing. The spec's TensorBoard default needs tensorboard, which retain
-    does not require.
+
+    Args:
+        learning_rate_scheduler: callable on the optimizer returning a torch LR scheduler (None: constant LR).
+        learning_rate_scheduler_interval: when the scheduler steps: after every 'epoch' or every 'step'.
+        batch_size: items per optimizer step (new plus memory items for replay methods, unless memory_batch_size).
+        max_epochs: passes over the update's data (the most, with early stopping).
+        train_transform: batched transform of the training inputs, on the training device.
+        train_target_transform: batched transform of the training targets.
+        test_transform: batched transform of validation inputs.
+        test_target_transform: batched transform of validation targets.
+        buffer_transform: batched transform of memory inputs (default: train_transform).
+        buffer_target_transform: batched transform of memory targets (default: train_target_transform).
+        metric: validation metric that picks the epoch whose weights are kept (val_loss, val_accuracy or val_ plus a
+            logged_metrics name); needs val data.
+        mode: 'min' or 'max': whether a lower or a higher metric is better.
+        logged_metrics: extra torchmetrics to compute on the validation data, by name (logged as val_NAME).
+        early_stopping_enabled: stop when `metric` has not improved for `patience` epochs; needs `metric` and val data.
+        patience: epochs without improvement of `metric` before early stopping (3, as Lightning's EarlyStopping).
+        logger: object with log_metrics(metrics, step), e.g. lightning's TensorBoardLogger or CSVLogger (None: no
+            logging).
+        accelerator: 'auto' (CUDA if available, else CPU), 'cpu', 'gpu'/'cuda' or 'mps'.
+        devices: number of processes/GPUs; more than 1 runs a DDP update (strategy 'ddp', 'ddp_spawn' or 'auto').
+        strategy: 'ddp', 'ddp_spawn', 'auto' or None (multi-process with devices > 1), or 'single_device'.
+        precision: '32', '64' (float64 weights and inputs), '16-mixed' or 'bf16-mixed' (autocast).
+        seed: seed of everything the update draws: data order, memory sampling and writes, dropout, component noise
+            (not the weights of the model you pass in); None draws one.
+        deterministic_trainer: torch.use_deterministic_algorithms during the update (bit-identical reruns on GPU).
+        gradient_clip_val: clip gradients at this norm/value (None: no clipping).
+        gradient_clip_algorithm: 'norm' (default when clipping) or 'value'.
+        mask_unused_classes: the loss on new data ignores the logits of classes outside `mask_class_set`.
+        mask_class_set: classes kept by mask_unused_classes: 'current' (this update's classes, retain's default) or
+            'current_and_memory' (plus the memory's classes, the spec's set).
+        log_every_n_steps: steps between two train_loss logs.
+        progress_bar: show a progress bar per epoch.
+        checkpoint_every_n_epochs: write a resumable checkpoint beside the output folder every N epochs (0: never).
+        num_workers: DataLoader worker processes for datasets that are not tensor-backed (0: load in this process).
+        pin_memory: DataLoader pin_memory, for faster copies of loaded batches to a GPU.
+        persistent_workers: keep the DataLoader's workers alive between epochs (needs num_workers > 0).
+        update_classes: with mask_unused_classes, this update's classes, declared (None: read from the labels).
+        feature_layers: submodule names whose outputs POD distils, captured by forward hooks (None: the model's own).
+        pad_values: pad value per input leaf path (e.g. {'input_ids': 0}) of variable-length leaves (others pad 0).
+        memory_device: where the replay memory lives: 'same' (the training device), 'cpu' or 'pinned' host memory
+            (only sampled batches are copied to the device), for memories larger than the accelerator's memory.
     """
 
     learning_rate_scheduler: Callable[..., Any] | None = None
@@ -52,7 +97,7 @@ class TrainingOptions:
     logger: Any = None
     accelerator: str = "auto"
     devices: int | None = None
-    strategy: str = "ddp"
+    strategy: str | None = "ddp"
     precision: str = "32"
     seed: int | None = 0
     deterministic_trainer: bool = False
@@ -60,6 +105,8 @@ class TrainingOptions:
     gradient_clip_algorithm: str | None = None
     mask_unused_classes: bool = False
     # retain's own additions (not in the spec)
+    patience: int = 3
+    mask_class_set: str = "current"
     log_every_n_steps: int = 50
     progress_bar: bool = False
     checkpoint_every_n_epochs: int = 0
@@ -79,15 +126,19 @@ class TrainingOptions:
     # and the join of new and replayed batches pad variable-length leaves; unlisted leaves pad with 0.
     pad_values: dict[str, float] | None = None
     # --- end of issue 12 options ---
+    memory_device: str = "same"
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         _check_choice("learning_rate_scheduler_interval", self.learning_rate_scheduler_interval, SCHEDULER_INTERVALS)
         _check_choice("mode", self.mode, MODES)
         _check_choice("accelerator", self.accelerator, ACCELERATORS)
+        if self.strategy is None:  # Lightning's and the spec's "let the trainer choose"
+            self.strategy = "auto"
         _check_choice("strategy", self.strategy, STRATEGIES)
         self.precision = str(self.precision)
         _check_choice("precision", self.precision, PRECISIONS)
+        _check_choice("mask_class_set", self.mask_class_set, MASK_CLASS_SETS)
         _check_choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("max_epochs", self.max_epochs)
@@ -96,8 +147,23 @@ class TrainingOptions:
             _check_positive_int("devices", self.devices)
         if self.gradient_clip_val is not None and not self.gradient_clip_val > 0:
             raise ValueError(f"gradient_clip_val must be > 0 or None, got {self.gradient_clip_val!r}")
+        if self.strategy == "single_device" and (self.devices or 1) > 1:
+            raise ValueError(
+                f"strategy='single_device' trains on one device, but devices={self.devices}: "
+                "use strategy='ddp' for several devices, or devices=1"
+            )
+        _check_positive_int("patience", self.patience)
         if self.early_stopping_enabled and self.metric is None:
             raise ValueError("early_stopping_enabled needs a `metric` to monitor (e.g. 'val_loss')")
+        if self.metric is not None and self.metric not in self.metric_names():
+            raise ValueError(
+                f"metric={self.metric!r} is not computed; choose one of {', '.join(self.metric_names())}"
+            )
+        if self.logger is not None and not callable(getattr(self.logger, "log_metrics", None)):
+            raise TypeError(
+                f"logger must have a log_metrics(metrics, step) method (a Lightning logger fits), "
+                f"got {type(self.logger).__name__}"
+            )
         if self.checkpoint_every_n_epochs < 0:
             raise ValueError("checkpoint_every_n_epochs must be >= 0")
         self._check_loading_options()
@@ -106,6 +172,8 @@ class TrainingOptions:
         """Validates the issue-12 options (loaders, declared classes, feature layers)."""
         if isinstance(self.num_workers, bool) or not isinstance(self.num_workers, int) or self.num_workers < 0:
             raise ValueError(f"num_workers must be an integer >= 0, got {self.num_workers!r}")
+        if self.memory_device not in ("same", "cpu", "pinned"):
+            raise ValueError(f"memory_device must be 'same', 'cpu' or 'pinned', got {self.memory_device!r}")
         if self.persistent_workers and self.num_workers == 0:
             raise ValueError("persistent_workers=True needs num_workers > 0")
         if self.update_classes is not None:
@@ -125,6 +193,15 @@ class TrainingOptions:
     def loader_options(self) -> LoaderOptions:
         """The DataLoader settings for ``retain.batching``."""
         return LoaderOptions(self.num_workers, self.pin_memory, self.persistent_workers)
+
+    @property
+    def float64(self) -> bool:
+        """True when ``precision`` asks for float64 weights and inputs."""
+        return self.precision in ("64", "64-true")
+
+    def metric_names(self) -> list[str]:
+        """The validation metrics an update computes (what ``metric`` may name)."""
+        return ["val_loss", "val_accuracy", *(f"val_{name}" for name in (self.logged_metrics or {}))]
 
     @classmethod
     def from_kwargs(cls, owner: str, **kwargs: Any) -> TrainingOptions:
@@ -166,3 +243,120 @@ def _check_choice(name: str, value: Any, choices: tuple) -> None:
 def _check_positive_int(name: str, value: Any) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
         raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+# ------------------------------------------------------------------------- signatures from one definition
+_ARG_LINE = re.compile(r"^\s{4,}(\w+)(?: \([^)]*\))?:\s+(.*)$")
+
+
+def option_docs(*classes: type) -> dict[str, str]:
+    """What each option does, read from the ``Args:`` sections of the docstrings of ``classes``
+    and their bases (the first class that documents a name wins). The docstring is the one place
+    an option's meaning is written: ``help()``, the generated updater docstrings and ``retain
+    benchmark --method X --help`` all read it from there."""
+    docs: dict[str, str] = {}
+    seen: set[str] = set()  # names documented by an earlier class: their continuation lines are skipped
+    for cls in classes:
+        for klass in inspect.getmro(cls) if inspect.isclass(cls) else (cls,):
+            text = inspect.cleandoc(klass.__doc__ or "")
+            in_args, current = False, None
+            for line in text.splitlines():
+                if line.strip() in ("Args:", "Parameters:"):
+                    in_args, current = True, None
+                    continue
+                if not in_args:
+                    continue
+                if line and not line.startswith(" "):
+                    in_args = False
+                    continue
+                match = _ARG_LINE.match(line)
+                if match and len(line) - len(line.lstrip()) == 4:
+                    current = match.group(1)
+                    docs.setdefault(current, match.group(2).strip())
+                elif current is not None and line.strip() and current not in seen:
+                    docs[current] += " " + line.strip()
+            seen.update(docs)
+    return docs
+
+
+def training_option_parameters(**default_overrides: Any) -> list[inspect.Parameter]:
+    """Every ``TrainingOptions`` field as a keyword-only parameter (with its default and type)."""
+    hints = typing.get_type_hints(TrainingOptions)
+    parameters = []
+    for f in dataclasses.fields(TrainingOptions):
+        if f.name == "extra":
+            continue
+        default = default_overrides.get(f.name, f.default)
+        parameters.append(inspect.Parameter(f.name, KEYWORD_ONLY, default=default, annotation=hints[f.name]))
+    return parameters
+
+
+TRAINING_OPTION_NAMES = frozenset(f.name for f in dataclasses.fields(TrainingOptions)) - {"extra"}
+
+
+def install_signature(
+    cls: type,
+    parameters: list[inspect.Parameter],
+    build: Callable[..., None],
+    docs: dict[str, str],
+) -> None:
+    """Gives ``cls`` an ``__init__`` with the real signature ``parameters`` (for ``help()``,
+    ``inspect.signature`` and IDEs that introspect) and a docstring listing every option.
+
+    The arguments are bound against the signature, so a positional argument too many or an
+    unknown keyword fails loudly (naming every valid option and the closest match), and
+    ``build(self, **arguments)`` receives every parameter by name.
+    """
+    signature = inspect.Signature([inspect.Parameter("self", POSITIONAL_OR_KEYWORD), *parameters])
+    names = [p.name for p in parameters]
+    positional = [p.name for p in parameters if p.kind is POSITIONAL_OR_KEYWORD]
+
+    def __init__(self: Any, *args: Any, **kwargs: Any) -> None:  # noqa: N807
+        try:
+            bound = signature.bind(self, *args, **kwargs)
+        except TypeError as err:
+            unknown = sorted(set(kwargs) - set(names))
+            hint = ""
+            if unknown:
+                close = difflib.get_close_matches(unknown[0], names, n=1)
+                hint = f" (did you mean {close[0]!r}?)" if close else ""
+                problem = f"got unknown option(s) {', '.join(unknown)}{hint}"
+            elif len(args) > len(positional):
+                problem = (
+                    f"takes at most {len(positional)} positional arguments ({', '.join(positional)}), "
+                    f"got {len(args)}: pass the others by name"
+                )
+            else:
+                problem = str(err)
+            raise TypeError(f"{cls.__name__} {problem}; valid options are: {', '.join(sorted(names))}") from None
+        bound.apply_defaults()
+        arguments = dict(bound.arguments)
+        arguments.pop("self")
+        build(self, **arguments)
+
+    summary = inspect.cleandoc(cls.__doc__ or cls.__name__).split("\n\n")[0]
+    lines = [summary, "", "Args:"]
+    for p in parameters:
+        default = "" if p.default is inspect.Parameter.empty else f" (default {p.default!r})"
+        lines.append(f"    {p.name}: {docs.get(p.name, '(undocumented)')}{default}")
+    __init__.__signature__ = signature  # type: ignore[attr-defined]
+    __init__.__doc__ = "\n".join(lines)
+    __init__.__qualname__ = f"{cls.__qualname__}.__init__"
+    __init__.__module__ = cls.__module__
+    cls.__init__ = __init__  # type: ignore[misc]
+
+
+POSITIONAL_OR_KEYWORD = inspect.Parameter.POSITIONAL_OR_KEYWORD
+KEYWORD_ONLY = inspect.Parameter.KEYWORD_ONLY
+
+
+class UpdaterArguments:
+    """The arguments every updater takes besides its options (documentation only).
+
+    Args:
+        model: the retain.ContinualModel to update (its weights are replaced by input_state_folder's).
+        loss_fn: per-item loss on (logits, targets), reduction='none' (default: cross-entropy).
+        optimizer: callable on the parameters returning an optimizer, e.g. functools.partial(torch.optim.SGD, lr=0.05).
+        input_state_folder: state folder written by the previous update (None for the first update).
+        output_state_folder: where this update writes the new state folder, atomically (None: nothing is written).
+    """

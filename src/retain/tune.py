@@ -5,7 +5,7 @@ Each trial runs a full benchmark sequence (``retain.benchmark.run_benchmark``) w
 average accuracy after the last update over all tasks' *validation* parts (``val_fraction`` of
 each task's train data, held out). Test data is never read during a search.
 
-The search runs on Syne Tune (``pip install retain[tune]``): a scheduler proposes configurations,
+The search runs on Syne Tune (``pip install -e '.[tune]'`` in a clone of retain): a scheduler proposes configurations,
 a trial backend runs each as a process of ``python -m retain.tune_worker`` (the file
 ``retain/tune_worker.py``), which reports ``val_accuracy`` through ``syne_tune.Reporter``. The
 local backend runs ``--workers`` trials at a time on this machine (rotating GPUs when there are
@@ -57,7 +57,10 @@ DISTRIBUTIONS: dict[str, tuple[str, ...]] = {
 # BenchmarkConfig fields a search may set; the others define the sequence and how it is scored.
 CONFIG_OPTIONS = ("model", "hidden_sizes", "width", "optimizer", "learning_rate", "momentum", "weight_decay",
                   "augment")  # fmt: skip
-INSTALL_HINT = "syne-tune is not installed: run `pip install retain[tune]` (or pip install syne-tune)"
+INSTALL_HINT = (
+    "syne-tune is not installed: run `pip install -e '.[tune]'` in the retain clone "
+    "(or `pip install 'retain-cl[tune]'`; the PyPI package named `retain` is another project)"
+)
 
 
 # --------------------------------------------------------------------------------- search space
@@ -95,12 +98,12 @@ def option_routes(method: str) -> dict[str, str]:
     """Every option name a search may set for ``method``, and where it goes: 'config' (a
     BenchmarkConfig field), 'method' (method_options) or 'training' (training_options)."""
     from retain.benchmark import METHODS
-    from retain.cli import _TRAINING_FLAGS
+    from retain.cli import TRAINING_FLAGS
 
     routes = {name: "config" for name in CONFIG_OPTIONS}
     for name in METHODS[method].method_options():
         routes.setdefault(name, "method")
-    for name in (*_TRAINING_FLAGS, "seed"):
+    for name in (*TRAINING_FLAGS, "seed"):
         routes.setdefault(name, "training")
     routes.pop("seed")  # the seeds are the benchmark's --seed
     return routes
@@ -427,7 +430,7 @@ def trials_markdown(result: TuneResult) -> str:
 
 def benchmark_command(config: Any) -> str:
     """A ``retain benchmark`` command line that runs ``config`` (scored on test data)."""
-    from retain.cli import _flag
+    from retain.cli import flag as _flag
 
     parts = ["retain", "benchmark", "--method", config.method, "--dataset", config.dataset,
              "--scenario", config.scenario]  # fmt: skip
@@ -458,7 +461,8 @@ def benchmark_command(config: Any) -> str:
     return " ".join(parts)
 
 
-def _add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
+    """Adds the search flags of ``retain tune`` to the benchmark parser."""
     parser.description = (
         "Search a method's hyperparameters over whole continual sequences with Syne Tune: each trial runs "
         "the sequence and is scored by the average accuracy after the last update on the tasks' validation "
@@ -484,7 +488,9 @@ def tune_command(argv: Sequence[str]) -> int:
             require_syne_tune()
         except ImportError as err:
             raise CLIError(str(err)) from None
-    args = parse_benchmark_args(argv, prog="retain tune", output="runs/tune", customize=_add_tune_arguments)
+    args = parse_benchmark_args(argv, prog="retain tune", output="runs/tune", customize=add_tune_arguments)
+    if len(args.method) != 1:
+        raise CLIError(f"retain tune searches one method at a time, got --method {' '.join(args.method)}")
     config = benchmark_config(args)
     space = load_search_space(args.search_space, config.method)
     result = tune(config, space, trials=args.trials, output=args.output, max_wallclock=args.max_wallclock,

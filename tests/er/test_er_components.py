@@ -69,11 +69,13 @@ def test_pod_pool_other_types_by_hand() -> None:
     assert pod_pool(H_MAP, "channel").tolist() == [[1.0, 4.0, 9.0, 16.0]]
     assert pod_pool(H_MAP, "gap").tolist() == [[7.5]]  # mean of the squares, as PODNet's code pools
     assert pod_pool(H_MAP, "flat").tolist() == [[1.0, 4.0, 9.0, 16.0]]
+    assert pod_pool(H_MAP, "pixel").tolist() == [[1.0, 4.0, 9.0, 16.0]]  # the spec's name for no pooling
 
 
 @pytest.mark.parametrize(
     ("distillation_type", "width"),
-    [("spatial", 3 * 5 + 3 * 4), ("width", 3 * 5), ("height", 3 * 4), ("channel", 4 * 5), ("gap", 3), ("flat", 60)],
+    [("spatial", 3 * 5 + 3 * 4), ("width", 3 * 5), ("height", 3 * 4), ("channel", 4 * 5), ("gap", 3), ("flat", 60),
+     ("pixel", 60)],
 )
 def test_pod_pool_shapes(distillation_type: str, width: int) -> None:
     h = torch.randn(2, 3, 4, 5, generator=torch.Generator().manual_seed(0))  # (B, C, H, W)
@@ -81,7 +83,7 @@ def test_pod_pool_shapes(distillation_type: str, width: int) -> None:
 
 
 def test_pod_types_are_all_tested() -> None:
-    assert set(POD_TYPES) == {"spatial", "width", "height", "channel", "gap", "flat"}
+    assert set(POD_TYPES) == {"spatial", "width", "height", "channel", "gap", "flat", "pixel"}
 
 
 def test_pod_pool_treats_2d_features_as_1x1_maps() -> None:

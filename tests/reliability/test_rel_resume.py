@@ -111,8 +111,9 @@ def test_sigkilled_update_process_resumes_from_its_last_epoch(tmp_path: Path) ->
 
 def test_resume_continues_early_stopping_from_the_history(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """The update is resumed right before the epoch that stops it (the first one not improving
-    val_accuracy): it must stop there too, which needs the best value of the epochs before."""
-    options = {"metric": "val_accuracy", "mode": "max", "early_stopping_enabled": True}
+    val_accuracy, patience 1): it must stop there too, which needs the best value and weights of the
+    epochs before (the best weights travel in the checkpoint)."""
+    options = {"metric": "val_accuracy", "mode": "max", "early_stopping_enabled": True, "patience": 1}
     _input_state(tmp_path, "der")
     kw: dict[str, Any] = {"epochs": 12, "checkpoint_every": 1, "options": options}
     reference = _update(_job(tmp_path, "der", "reference", **kw), val=True)

@@ -111,4 +111,4 @@ def test_without_syne_tune_the_command_says_how_to_install_it(
     code = main(["tune", "--method", "er", "--search-space", str(tmp_path / "s.json"), "--trials", "2"])
     err = capsys.readouterr().err
     assert code == 2
-    assert err.count("\n") == 1 and "pip install retain[tune]" in err
+    assert err.count("\n") == 1 and "pip install -e '.[tune]'" in err

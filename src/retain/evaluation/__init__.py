@@ -19,8 +19,11 @@ from retain.evaluation.metrics import (
 from retain.evaluation.report import (
     build_multi_seed_result,
     build_result,
+    format_comparison,
     format_table,
     is_multi_seed,
+    seen_task_average,
+    write_comparison,
     write_report,
 )
 
@@ -37,9 +40,12 @@ __all__ = [
     "backward_transfer",
     "build_multi_seed_result",
     "build_result",
+    "format_comparison",
     "format_table",
     "forward_transfer",
     "is_multi_seed",
+    "seen_task_average",
     "summarize",
+    "write_comparison",
     "write_report",
 ]

@@ -161,14 +161,20 @@ def accuracy_row(
     ``task_incremental=True`` the model gets the task identity (``task_id=task.task_id``)
     and predictions are restricted to ``task.classes``; otherwise (class- and
     domain-incremental) the model gets ``task_id=None`` and must predict among all
-    classes, since the task is not known at test time in those scenarios.
+    classes, since the task is not known at test time in those scenarios. A task whose head the
+    model does not have yet (not trained on) is scored on a copy with a fresh head, the head its
+    update would start from (drawn without touching the global random state).
     """
     row = []
     for task in tasks:
         inputs, targets = task.test.tensors[:2]
+        scored = model
+        heads = getattr(model, "heads", None)
+        if task_incremental and heads is not None and task.task_id not in heads:
+            scored = _with_fresh_head(model, task.task_id)
         row.append(
             accuracy(
-                model,
+                scored,
                 inputs,
                 targets,
                 transform=transform,
@@ -178,3 +184,14 @@ def accuracy_row(
             )
         )
     return row
+
+
+def _with_fresh_head(model: nn.Module, task_id: str) -> nn.Module:
+    """A copy of ``model`` with a newly initialised head for ``task_id`` (global RNG untouched)."""
+    import copy
+
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        fresh = copy.deepcopy(model)
+        fresh.add_task_params(task_id)  # type: ignore[operator]
+    return fresh

@@ -22,7 +22,10 @@ field                    type                    meaning
 ``average_accuracy``     float                   ``mean_j R[T-1][j]`` (GEM ACC)
 ``backward_transfer``    float                   ``1/(T-1) sum_{j<T-1} R[T-1][j] - R[j][j]`` (GEM BWT)
 ``forward_transfer``     float | null            ``1/(T-1) sum_{j>=1} R[j-1][j] - b[j]`` (GEM FWT);
-                                                 ``null`` when ``initial_accuracy`` is unknown
+                                                 ``null`` when ``initial_accuracy`` is unknown;
+                                                 negative by construction in class-incremental
+                                                 runs (R[j-1][j] ~ 0: unseen classes are never
+                                                 predicted; b[j] ~ chance)
 ``average_forgetting``   float                   ``1/(T-1) sum_{j<T-1} max_{j<=l<=T-2} R[l][j] -
                                                  R[T-1][j]`` (Chaudhry et al. 2018)
 ``train_seconds``        list[float]             length ``T``; wall-clock training seconds of update
@@ -31,6 +34,10 @@ field                    type                    meaning
                                                  model at initialisation (before any update)
 ``task_ids``             list[str], optional     length ``T``; task names, used as axis labels
 ``seed``                 int, optional           random seed of the run
+``task_classes``         list[list[int]], opt.   the classes of each task, as the scenario resolved
+                                                 them (``retain benchmark`` writes it)
+``versions``             dict, optional          top level: versions of retain, torch, numpy and
+                                                 Python that produced the result
 ======================== ======================= ==================================================
 
 Any other field is kept as given. Metric formulas: :mod:`retain.evaluation.metrics`.
@@ -100,8 +107,11 @@ from retain.evaluation.metrics import METRIC_KEYS, aggregate_runs, summarize
 __all__ = [
     "build_multi_seed_result",
     "build_result",
+    "format_comparison",
     "format_table",
     "is_multi_seed",
+    "seen_task_average",
+    "write_comparison",
     "write_report",
 ]
 
@@ -544,7 +554,10 @@ def _plot_task_curves(view: _View) -> Any:
         ha="right" if T > 8 else "center",
     )
     ax.set_xlim(-0.3, T - 0.7)
-    ax.set_ylim(-2, 102)
+    shown = [pct[j:, j] for j in range(T)] + [avg]
+    if std is not None:
+        shown += [pct[j:, j] - std[j:, j] for j in range(T)]
+    ax.set_ylim(*_accuracy_limits(np.concatenate(shown)))
     ax.set_xlabel("After training on task")
     ax.set_ylabel("Accuracy (%)")
     ax.grid(True, alpha=0.3)
@@ -556,6 +569,93 @@ def _plot_task_curves(view: _View) -> Any:
     ncol = max(1, math.ceil((T + 1) / 16))
     ax.legend(title="Task", loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8, ncol=ncol, frameon=False)
     return fig
+
+
+def _accuracy_limits(values: np.ndarray) -> tuple[float, float]:
+    """y-axis limits in % that show the data's range (not always 0-100): from 5 points under the
+    lowest value, rounded down to a multiple of 10, to just above 100."""
+    finite = values[np.isfinite(values)]
+    low = float(finite.min()) if finite.size else 0.0
+    return max(0.0, 10.0 * math.floor((low - 5.0) / 10.0)) - 1.0, 101.0
+
+
+def seen_task_average(result: Mapping[str, Any]) -> tuple[np.ndarray, np.ndarray]:
+    """Average accuracy on the tasks seen so far after each update, per run: (mean, std over
+    runs) of ``mean_{j<=i} R[i][j]``, each of length T (std 0 for a single run)."""
+    view = _View(result)
+    per_run = np.array(
+        [[np.nanmean(R[i, : i + 1]) for i in range(view.T)] for R in view.run_matrices], dtype=np.float64
+    )
+    std = per_run.std(axis=0, ddof=1) if per_run.shape[0] > 1 else np.zeros(view.T)
+    return per_run.mean(axis=0), std
+
+
+def write_comparison(output_dir: str | os.PathLike[str], results: Mapping[str, Mapping[str, Any]]) -> dict[str, Path]:
+    """Writes ``comparison.csv`` and ``comparison.png`` for several methods run on the same
+    scenario and seeds: the average accuracy on the tasks seen so far after each update, one line
+    per method, shaded by the seeds' standard deviation. ``results`` maps a label to a result."""
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows: list[list[Any]] = [["method", "after_update", "task", "seen_task_accuracy_mean", "seen_task_accuracy_std",
+                              "final_average_accuracy"]]
+    curves = {}
+    for label, result in results.items():
+        mean, std = seen_task_average(result)
+        curves[label] = (mean, std, _View(result))
+        for i in range(len(mean)):
+            rows.append([label, i, curves[label][2].task_labels[i], _cell(mean[i], 4), _cell(std[i], 4),
+                         _cell(mean[-1], 4)])
+    paths = {"comparison_csv": out / "comparison.csv", "comparison_png": out / "comparison.png"}
+    _write_text(paths["comparison_csv"], _csv_text(rows))
+    _save_figure(_plot_comparison(curves), paths["comparison_png"])
+    return paths
+
+
+def _plot_comparison(curves: Mapping[str, tuple[np.ndarray, np.ndarray, _View]]) -> Any:
+    import matplotlib
+
+    first = next(iter(curves.values()))[2]
+    T = first.T
+    fig = _new_figure((min(max(7.0, 0.45 * T + 5.0), 16.0), 5.0))
+    ax = fig.add_subplot()
+    colors = matplotlib.colormaps["tab10"]
+    shown = []
+    x = np.arange(T)
+    for k, (label, (mean, std, view)) in enumerate(curves.items()):
+        color = colors(k % 10)
+        ax.plot(x, 100 * mean, marker="o", linewidth=2.2, color=color,
+                label=f"{label}: {100 * mean[-1]:.1f}%" + (f" ± {100 * std[-1]:.1f}" if view.multi else ""))
+        if view.multi:
+            ax.fill_between(x, 100 * (mean - std), 100 * (mean + std), color=color, alpha=0.18, linewidth=0)
+        shown.append(100 * (mean - std))
+    step = _tick_step(T)
+    ticks = list(range(0, T, step))
+    ax.set_xticks(ticks, [first.task_labels[t] for t in ticks], rotation=45 if T > 8 else 0)
+    ax.set_xlim(-0.3, T - 0.7)
+    ax.set_ylim(*_accuracy_limits(np.concatenate(shown)))
+    ax.set_xlabel("After training on task")
+    ax.set_ylabel("Average accuracy on the tasks seen so far (%)")
+    ax.grid(True, alpha=0.3)
+    note = f"{first.seeds_note()} (shaded); " if first.multi else ""
+    ax.set_title(f"Same scenario and seeds for every method; {note}legend: after the last update", fontsize=9)
+    parts = [str(first.config.get(k)) for k in ("dataset", "scenario") if first.config.get(k)]
+    fig.suptitle("Method comparison" + (": " + " · ".join(parts) if parts else ""), fontweight="bold")
+    ax.legend(loc="lower left", fontsize=9, frameon=True)
+    return fig
+
+
+def format_comparison(results: Mapping[str, Mapping[str, Any]]) -> str:
+    """A markdown table: per method, the average accuracy on the seen tasks after each update."""
+    labels = list(results)
+    first = _View(results[labels[0]])
+    header = "| method | " + " | ".join(f"after {t}" for t in first.task_labels) + " |"
+    lines = [header, "|---" * (first.T + 1) + "|"]
+    for label in labels:
+        mean, std = seen_task_average(results[label])
+        multi = is_multi_seed(results[label])
+        cells = [f"{100 * m:.1f}" + (f" ± {100 * s:.1f}" if multi else "") for m, s in zip(mean, std, strict=True)]
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
 
 
 # --------------------------------------------------------------------------- table
@@ -597,4 +697,13 @@ def format_table(result: Mapping[str, Any]) -> str:
         v = _fmt_metric(view.metrics[k], s)
         lines.append(f"{label.ljust(lw)} : {v}{' ' + unit if v != 'n/a' else ''}")
     lines.append(f"{'Train time'.ljust(lw)} : {_fmt_seconds(view.train_total, view.train_total_std)}")
+    if view.config.get("scenario") == "class-incremental" and view.metrics.get("forward_transfer") is not None:
+        lines.append(CLASS_INCREMENTAL_FWT_NOTE)
     return "\n".join(lines)
+
+
+CLASS_INCREMENTAL_FWT_NOTE = (
+    "Forward transfer is negative by construction in class-incremental runs: before training on\n"
+    "task j the model was trained only on earlier classes and never predicts task j's, so R[j-1][j]\n"
+    "is ~0, while b[j], the untrained model's accuracy on task j, is near chance: FWT ~ -mean b[j]."
+)

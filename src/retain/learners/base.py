@@ -37,6 +37,32 @@ def new_checkpoint() -> Checkpoint:
     return {"json": {}, "tensors": {}}
 
 
+def _cast_floating_inputs(module: nn.Module, args: tuple[Any, ...]) -> tuple[Any, ...]:
+    return tuple(
+        a.to(torch.float64) if isinstance(a, Tensor) and a.is_floating_point() and a.dtype != torch.float64 else a
+        for a in args
+    )
+
+
+def use_float64(model: nn.Module) -> nn.Module:
+    """``precision='64'``: the model's weights become float64 and a forward pre-hook casts its
+    floating-point inputs to float64 (memory items and transforms stay as they are). Idempotent;
+    copies of the model (CLS-ER's EMA copies) keep the hook."""
+    model.to(torch.float64)
+    if not getattr(model, "_retain_float64", False):
+        model.register_forward_pre_hook(_cast_floating_inputs)
+        model._retain_float64 = True  # type: ignore[assignment]
+    return model
+
+
+def clear_activation_caches(*modules: nn.Module | None) -> None:
+    """Drops what forward passes cached in the ``ContinualModel``s among ``modules`` (their
+    intermediate representations, which hold the last step's autograd graph)."""
+    for module in modules:
+        if isinstance(module, ContinualModel):
+            module.reset_intermediate_representation_cache()
+
+
 def model_device(model: nn.Module) -> torch.device:
     param = next(model.parameters(), None)
     return param.device if param is not None else torch.device("cpu")
@@ -67,6 +93,8 @@ class Learner:
         model = as_continual_model(model)
         if options.feature_layers is not None and model._feature_layers != options.feature_layers:
             model.use_feature_layers(options.feature_layers)
+        if options.float64:
+            use_float64(model)
         self.model = model
         self.loss_fn = loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
         self.optimizer_factory = optimizer
@@ -83,6 +111,8 @@ class Learner:
         self._train_source: BatchSource | None = None
         self._val_source: BatchSource | None = None
         self._val_metrics: torchmetrics.MetricCollection | None = None
+        # weights of the best epoch by ``options.metric`` during an update (kept in resume checkpoints)
+        self.best_state: dict[str, Tensor] | None = None
         self.forward_model: nn.Module = model  # the module that runs forward passes (a DDP wrapper under DDP)
 
     # ------------------------------------------------------------------ batch sizes and data
@@ -103,6 +133,7 @@ class Learner:
 
         ``train_dataset``/``val_dataset`` may be map-style or iterable datasets, or DataLoaders
         (their dataset and collate function are used, see ``retain.batching``)."""
+        self.check_validation_data(val_dataset)
         self.task_id = task_id or DEFAULT_TASK_ID
         self.model.add_task_params(self.task_id)
         loading = self.options.loader_options()
@@ -140,6 +171,13 @@ class Learner:
         self._class_mask = self._compute_class_mask(self._train_source) if self.options.mask_unused_classes else None
         if self.task_id not in self.task_ids_seen:  # only once the data passed the checks
             self.task_ids_seen.append(self.task_id)
+
+    def check_validation_data(self, val_dataset: Dataset | None) -> None:
+        """Refuses, before any training, options that monitor validation metrics without val data."""
+        o = self.options
+        if val_dataset is None and (o.early_stopping_enabled or o.metric is not None):
+            what = "early_stopping_enabled" if o.early_stopping_enabled else f"metric={o.metric!r}"
+            raise ValueError(f"{what} monitors validation metrics, but this update has no val_dataset: pass one")
 
     def _check_data(self, source: BatchSource, name: str) -> None:
         """Fails fast, before training, on data the model cannot take."""
@@ -201,7 +239,24 @@ class Learner:
             classes = dataset_labels(source.dataset, source.collate_fn, source.loader_options).unique()
         mask = torch.zeros(num_classes, dtype=torch.bool, device=self.device)
         mask[classes.to(self.device)] = True
+        memory = self.memory_for_state()
+        if self.options.mask_class_set == "current_and_memory" and memory is not None and len(memory):
+            mask[memory.raw_items()[1].to(self.device).unique()] = True
         return mask
+
+    @property
+    def masked_classes(self) -> list[int] | None:
+        """The classes whose logits the loss on new data keeps this update (None: no mask).
+
+        ``mask_class_set='current'`` (default): this update's classes only, applied to the loss on
+        the new data alone; stored logits and replay losses stay unmasked (safe: no -inf target is
+        ever stored). ``'current_and_memory'``: the spec's class set (current plus the memory's
+        classes), still applied to the new data's loss only: the spec's library also masks the
+        memory outputs and stores the masked logits, whose -inf entries give NaN once those classes
+        arrive."""
+        if self._class_mask is None:
+            return None
+        return self._class_mask.nonzero().flatten().tolist()
 
     def train_dataloader(self) -> BatchSource:
         """The new-data batches of one epoch, on the training device."""
@@ -271,7 +326,9 @@ class Learner:
         self.global_step += 1
 
     def on_train_end(self) -> None:
-        """Called once per update, after the last step."""
+        """Called once per update, after the last step: drops the activations the last forward
+        cached (with their autograd graph), so the returned model can be copied and the memory is freed."""
+        clear_activation_caches(self.model, self.inference_model())
 
     def on_model_update_end(self) -> None:
         self.updates_done += 1
@@ -314,6 +371,24 @@ class Learner:
         """The model to predict with (and to save as ``model.safetensors``)."""
         return self.model
 
+    def snapshot_best(self) -> None:
+        """Keeps a copy of the current weights as the best epoch's (``metric`` improved)."""
+        state = {f"model.{k}": v.detach().clone() for k, v in self.model.state_dict().items()}
+        served = self.inference_model()
+        if served is not self.model:
+            state.update({f"served.{k}": v.detach().clone() for k, v in served.state_dict().items()})
+        self.best_state = state
+
+    def restore_best(self) -> None:
+        """Puts the best epoch's weights back (the working and the served model) and forgets them."""
+        if self.best_state is None:
+            return
+        for prefix, model in (("model.", self.model), ("served.", self.inference_model())):
+            part = {k[len(prefix) :]: v for k, v in self.best_state.items() if k.startswith(prefix)}
+            if part:
+                model.load_state_dict(part, strict=True)
+        self.best_state = None
+
     # ------------------------------------------------------------------ state
     def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:
         """Adds this learner's state: JSON values to ``checkpoint['json']``, tensors to ``['tensors']``."""
@@ -321,8 +396,12 @@ class Learner:
             {"global_step": self.global_step, "updates_done": self.updates_done, "task_ids_seen": self.task_ids_seen}
         )
         checkpoint["tensors"]["generator_state"] = self.generator.get_state().clone()
+        for key, value in (self.best_state or {}).items():  # only inside an update (resume checkpoints)
+            checkpoint["tensors"][f"best_state.{key}"] = value
 
     def on_load_checkpoint(self, checkpoint: Checkpoint) -> None:
+        best = {k[len("best_state.") :]: v for k, v in checkpoint["tensors"].items() if k.startswith("best_state.")}
+        self.best_state = best or None
         self.global_step = int(checkpoint["json"]["global_step"])
         self.updates_done = int(checkpoint["json"]["updates_done"])
         self.task_ids_seen = [str(t) for t in checkpoint["json"]["task_ids_seen"]]
@@ -350,6 +429,11 @@ class ReplayLearner(Learner):
     (memory part ``int(batch_size * batch_memory_frac)``). To give the memory batch directly (the
     DER paper's 10 new + 128 memory), pass ``memory_batch_size``: ``batch_size`` is then the
     new-data batch alone.
+
+    Args:
+        memory_size: number of items the reservoir memory keeps (spread over all updates).
+        batch_memory_frac: share of batch_size taken from the memory when memory_batch_size is None.
+        memory_batch_size: memory items per step, given directly; batch_size is then the new-data batch alone.
     """
 
     def __init__(
@@ -377,6 +461,7 @@ class ReplayLearner(Learner):
         self.memory = ReservoirMemory(
             memory_size,
             **extra,
+            memory_device=o.memory_device,
             device=self.device,
             seed=self.seed + 1,
             transform=o.buffer_transform if o.buffer_transform is not None else o.train_transform,

@@ -104,7 +104,7 @@ class WeightedMeanSquaredErrorLossComponent(Component):
         return self.weight * F.mse_loss(outputs_memory.float(), batch_memory.metadata[LOGITS])
 
 
-POD_TYPES = ("spatial", "channel", "width", "height", "gap", "flat")
+POD_TYPES = ("spatial", "channel", "width", "height", "gap", "flat", "pixel")
 
 
 def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
@@ -114,7 +114,8 @@ def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
     (B, D, 1, 1), so its 'spatial' vector is its squared activations (twice). Every type pools the
     squared activations, as PODNet's code does: ``spatial`` = [sum over H, sum over W] (pod-spatial);
     ``width`` = sum over H (a C x W vector, PODNet's pod-width); ``height`` = sum over W (C x H);
-    ``channel`` = sum over C; ``gap`` = mean over H and W; ``flat`` = no pooling.
+    ``channel`` = sum over C; ``gap`` = mean over H and W; ``flat`` = no pooling; ``pixel`` (the
+    spec's name for no pooling: every squared activation is compared) is ``flat``.
     """
     if h.dim() == 2:
         h = h[:, :, None, None]
@@ -131,7 +132,7 @@ def pod_pool(h: Tensor, distillation_type: str) -> Tensor:
         return a.sum(dim=1).flatten(1)
     if distillation_type == "gap":
         return a.mean(dim=(2, 3))
-    if distillation_type == "flat":
+    if distillation_type in ("flat", "pixel"):
         return a.flatten(1)
     raise ValueError(f"distillation_type {distillation_type!r} unknown; choose one of {', '.join(POD_TYPES)}")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import inspect
 import json
 from typing import Any
 
@@ -14,32 +15,57 @@ from retain.batching import NestedTensorDataset, materialize, unwrap_loader
 from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel
 from retain.nested import NestedTensors
+from retain.options import (
+    KEYWORD_ONLY,
+    POSITIONAL_OR_KEYWORD,
+    TrainingOptions,
+    UpdaterArguments,
+    install_signature,
+    option_docs,
+    training_option_parameters,
+)
 from retain.updaters.base import SingleTrainingLoopUpdater
 
 
 class _BaselineModelUpdater(SingleTrainingLoopUpdater):
-    """The constructor of the memory-free baselines: the learner class is the only difference."""
+    """The constructor of the memory-free baselines (generated per subclass): the learner class is
+    the only difference. ``model, loss_fn, optimizer`` are positional, everything else keyword-only."""
 
     learner_class: type[Learner] = Learner
 
-    def __init__(
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        parameters = [
+            inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
+            inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
+            inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+            inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            *training_option_parameters(),
+        ]
+        docs = option_docs(UpdaterArguments, TrainingOptions)
+        install_signature(cls, parameters, _build_baseline, docs)
+
+
+def _build_baseline(
+    self: _BaselineModelUpdater,
+    model: ContinualModel,
+    loss_fn: nn.Module | None,
+    optimizer: Any,
+    input_state_folder: Any,
+    output_state_folder: Any,
+    **options: Any,
+) -> None:
+    SingleTrainingLoopUpdater.__init__(
         self,
-        model: ContinualModel,
-        loss_fn: nn.Module | None = None,
-        optimizer: Any = None,
-        input_state_folder: Any = None,
-        output_state_folder: Any = None,
-        **options: Any,
-    ) -> None:
-        super().__init__(
-            model,
-            loss_fn,
-            optimizer,
-            learner_class=self.learner_class,
-            input_state_folder=input_state_folder,
-            output_state_folder=output_state_folder,
-            **options,
-        )
+        model,
+        loss_fn,
+        optimizer,
+        learner_class=self.learner_class,
+        input_state_folder=input_state_folder,
+        output_state_folder=output_state_folder,
+        **options,
+    )
 
 
 class FineTuningModelUpdater(_BaselineModelUpdater):

@@ -20,7 +20,7 @@ import torch
 from torch import Tensor, nn
 
 from retain import nested
-from retain.learners.base import Batch, Checkpoint, ReplayLearner
+from retain.learners.base import Batch, Checkpoint, ReplayLearner, clear_activation_caches
 from retain.learners.components import (
     LOGITS,
     Component,
@@ -32,8 +32,19 @@ from retain.learners.components import (
 )
 from retain.memory import MemoryBatch
 from retain.models.base import ContinualModel
-from retain.options import TrainingOptions
+from retain.options import (
+    KEYWORD_ONLY,
+    POSITIONAL_OR_KEYWORD,
+    TRAINING_OPTION_NAMES,
+    TrainingOptions,
+    UpdaterArguments,
+    install_signature,
+    option_docs,
+    training_option_parameters,
+)
 from retain.updaters.base import SingleTrainingLoopUpdater
+
+DEFAULT_MEMORY_SIZE = 500  # the spec requires memory_size; retain's updaters default to 500
 
 
 class BaseExperienceReplayLearner(ReplayLearner):
@@ -44,6 +55,12 @@ class BaseExperienceReplayLearner(ReplayLearner):
     both); ``loss_normalization`` divides by the weights of the terms present in the step (during
     the first update the memory is empty and the base loss is not scaled down); memory writes
     happen in ``on_train_batch_end`` (Lightning 2 has no ``training_step_end``).
+
+    Args:
+        loss_weight: weight of the loss on the new data (>= 0).
+        ema_memory_update_gamma: in (0, 1]; below 1 the stored logits/features of replayed items become
+            gamma * stored + (1 - gamma) * current after each step (1: never refreshed).
+        loss_normalization: 1 divides the loss by the sum of the weights of the terms present in the step, 0 sums them.
     """
 
     def __init__(
@@ -55,6 +72,7 @@ class BaseExperienceReplayLearner(ReplayLearner):
         **kwargs: Any,
     ) -> None:
         super().__init__(**kwargs)
+        _check_method_options({"loss_weight": loss_weight})
         if not 0.0 < ema_memory_update_gamma <= 1.0:
             raise ValueError(f"ema_memory_update_gamma must lie in (0, 1], got {ema_memory_update_gamma!r}")
         self._components = dict(components)
@@ -84,6 +102,11 @@ class BaseExperienceReplayLearner(ReplayLearner):
     def on_train_start(self) -> None:
         for component in self._components.values():
             component.on_train_start(self.model)
+
+    def on_train_end(self) -> None:
+        super().on_train_end()
+        for component in self._components.values():  # CLS-ER's copies cache their last forward too
+            clear_activation_caches(*(m for m in vars(component).values() if isinstance(m, nn.Module)))
 
     def _forward(self, inputs: Tensor) -> tuple[Tensor, list[Tensor]]:
         outputs = self.forward_model(inputs, self.task_id)
@@ -125,7 +148,7 @@ class BaseExperienceReplayLearner(ReplayLearner):
                 fresh = False
                 loss = loss + component.loss(outputs_memory, memory_batch, features_memory)
                 total_weight += component.weight
-        if self.loss_normalization:
+        if self.loss_normalization and total_weight > 0:  # loss_weight=0 with an empty memory: nothing to divide
             loss = loss / total_weight
         return loss
 
@@ -211,26 +234,41 @@ class ExperienceReplayLearner(BaseExperienceReplayLearner):
 
     With ``alpha=1``, equal new and memory batches and ``loss_normalization=1`` the loss is the
     mean cross-entropy over the joined batch, as in the paper.
+
+    Args:
+        alpha: weight of the cross-entropy on replayed memory items (>= 0).
     """
 
     def __init__(self, alpha: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(components=self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha), **kwargs)
+        _check_method_options({"alpha": alpha})
+        kwargs.setdefault("components", self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha))
+        super().__init__(**kwargs)
 
     def components(self, loss_fn: nn.Module | None = None, alpha: float = 1.0) -> dict[str, Component]:
+        """ER's one component: ``memory_loss``."""
         return {"memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True)}
 
 
-class DarkExperienceReplayLearner(BaseExperienceReplayLearner):
+class DarkExperienceReplayLearner(ExperienceReplayLearner):
     """DER / DER++ (Buzzega et al., NeurIPS 2020): ``alpha * MSE(z, stored logits)`` on one memory
     batch plus ``beta * CE`` on a second, independently drawn batch; ``beta=0`` is DER. The paper
-    sums the terms: use ``loss_normalization=0`` to reproduce it."""
+    sums the terms: use ``loss_normalization=0`` to reproduce it. A subclass of
+    ``ExperienceReplayLearner``, as in the spec.
+
+    Args:
+        alpha: weight of the mean squared error between the current and the stored logits of memory items (>= 0).
+        beta: weight of the cross-entropy on the labels of a second memory batch (>= 0; 0 is DER).
+    """
 
     def __init__(self, alpha: float = 1.0, beta: float = 1.0, **kwargs: Any) -> None:
-        super().__init__(components=self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha, beta=beta), **kwargs)
+        _check_method_options({"alpha": alpha, "beta": beta})
+        kwargs.setdefault("components", self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha, beta=beta))
+        super().__init__(alpha=alpha, **kwargs)
 
-    def components(
+    def components(  # type: ignore[override]
         self, loss_fn: nn.Module | None = None, alpha: float = 1.0, beta: float = 1.0
     ) -> dict[str, Component]:
+        """DER's components: ``mse_loss`` (alpha) and ``memory_loss`` (beta), each on a fresh batch."""
         return {
             "mse_loss": WeightedMeanSquaredErrorLossComponent(alpha, sample_new_memory_batch=True),
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), beta, sample_new_memory_batch=True),
@@ -239,16 +277,27 @@ class DarkExperienceReplayLearner(BaseExperienceReplayLearner):
 
 class PooledOutputDistillationExperienceReplayLearner(BaseExperienceReplayLearner):
     """POD-ER (Douillard et al., ECCV 2020): ``alpha * POD`` between the current and the stored
-    intermediate representations of replayed items (see ``retain.learners.components.pod_pool``)."""
+    intermediate representations of replayed items (see ``retain.learners.components.pod_pool``).
+
+    Args:
+        alpha: weight of the POD distance between current and stored intermediate features of memory items (>= 0).
+        distillation_type: pooling of the squared features: spatial, channel, width, height, gap, flat or pixel.
+        normalize: L2-normalise the pooled features before their distance (1) or not (0).
+    """
 
     def __init__(
         self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1, **kwargs: Any
     ) -> None:
-        super().__init__(components=self.components(alpha, distillation_type, normalize), **kwargs)
+        _check_method_options({"alpha": alpha})
+        kwargs.setdefault(
+            "components", self.components(alpha=alpha, distillation_type=distillation_type, normalize=normalize)
+        )
+        super().__init__(**kwargs)
 
     def components(
         self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1
     ) -> dict[str, Component]:
+        """POD-ER's one component: ``pod_loss``."""
         return {
             "pod_loss": WeightedPooledOutputDistillationLossComponent(
                 alpha, sample_new_memory_batch=True, distillation_type=distillation_type, normalize=normalize
@@ -258,7 +307,16 @@ class PooledOutputDistillationExperienceReplayLearner(BaseExperienceReplayLearne
 
 class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
     """CLS-ER (Arani et al., ICLR 2022): ``alpha * CE`` on replayed items plus ``beta *`` the
-    consistency with the better of a plastic and a stable EMA copy; predicts with the stable copy."""
+    consistency with the better of a plastic and a stable EMA copy; predicts with the stable copy.
+
+    Args:
+        alpha: weight of the cross-entropy on replayed memory items (>= 0).
+        beta: weight of the consistency (MSE) with the better of the plastic and stable copies' logits (>= 0).
+        stable_model_update_weight: the most EMA decay of the stable copy (in [0, 1]; closer to 1: slower).
+        plastic_model_update_weight: the most EMA decay of the plastic copy (in [0, 1]).
+        stable_model_update_probability: probability that a step updates the stable copy (in [0, 1]).
+        plastic_model_update_probability: probability that a step updates the plastic copy (in [0, 1]).
+    """
 
     def __init__(
         self,
@@ -270,17 +328,13 @@ class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
         plastic_model_update_probability: float = 0.9,
         **kwargs: Any,
     ) -> None:
-        components = self.components(
-            kwargs["model"],
-            kwargs.get("loss_fn"),
-            alpha,
-            beta,
-            plastic_model_update_weight,
-            stable_model_update_weight,
-            plastic_model_update_probability,
-            stable_model_update_probability,
+        options = _arguments(locals())
+        _check_method_options(options)
+        kwargs.setdefault(
+            "components",
+            self.components(model=kwargs["model"], loss_fn=kwargs.get("loss_fn"), **_by_name(self.components, options)),
         )
-        super().__init__(components=components, **kwargs)
+        super().__init__(**kwargs)
 
     def components(
         self,
@@ -293,6 +347,7 @@ class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
         plastic_model_update_probability: float = 0.9,
         stable_model_update_probability: float = 0.7,
     ) -> dict[str, Component]:
+        """CLS-ER's components: ``memory_loss`` (alpha) and ``cls_loss`` (beta, same memory batch)."""
         return {
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True),
             "cls_loss": WeightedCLSLossComponent(
@@ -313,6 +368,20 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
     Components, in order: ``mse_loss`` (der_alpha, fresh batch), ``memory_loss`` (der_beta, fresh
     batch), ``cls_loss`` (cls_alpha, same batch as memory_loss), ``shrink_perturb`` (at update
     start), ``pod_loss`` (pod_alpha, fresh batch).
+
+    Args:
+        der_alpha: weight of the MSE between current and stored logits of memory items (>= 0).
+        der_beta: weight of the cross-entropy on memory labels (>= 0).
+        sp_shrink_factor: at each update start every weight is multiplied by this (> 0; 1 keeps them).
+        sp_sigma: standard deviation of the Gaussian noise then added to every weight (>= 0).
+        cls_alpha: weight of the CLS-ER consistency with the plastic/stable copies (>= 0).
+        cls_stable_model_update_weight: the most EMA decay of the stable copy (in [0, 1]).
+        cls_plastic_model_update_weight: the most EMA decay of the plastic copy (in [0, 1]).
+        cls_stable_model_update_probability: probability that a step updates the stable copy (in [0, 1]).
+        cls_plastic_model_update_probability: probability that a step updates the plastic copy (in [0, 1]).
+        pod_alpha: weight of the POD distance of intermediate features (>= 0).
+        pod_distillation_type: POD pooling: spatial, channel, width, height, gap, flat or pixel.
+        pod_normalize: L2-normalise the pooled features (1) or not (0).
     """
 
     def __init__(
@@ -332,23 +401,13 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         ema_memory_update_gamma: float = 1.0,
         **kwargs: Any,
     ) -> None:
-        components = self.components(
-            kwargs["model"],
-            kwargs.get("loss_fn"),
-            der_alpha,
-            der_beta,
-            sp_shrink_factor,
-            sp_sigma,
-            cls_alpha,
-            cls_stable_model_update_weight,
-            cls_plastic_model_update_weight,
-            cls_stable_model_update_probability,
-            cls_plastic_model_update_probability,
-            pod_alpha,
-            pod_distillation_type,
-            pod_normalize,
+        options = _arguments(locals())
+        _check_method_options(options)
+        kwargs.setdefault(
+            "components",
+            self.components(model=kwargs["model"], loss_fn=kwargs.get("loss_fn"), **_by_name(self.components, options)),
         )
-        super().__init__(components=components, ema_memory_update_gamma=ema_memory_update_gamma, **kwargs)
+        super().__init__(ema_memory_update_gamma=ema_memory_update_gamma, **kwargs)
 
     def components(
         self,
@@ -367,6 +426,7 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         pod_distillation_type: str = "spatial",
         pod_normalize: bool | int = 1,
     ) -> dict[str, Component]:
+        """Super-ER's components (see the class docstring)."""
         return {
             "mse_loss": WeightedMeanSquaredErrorLossComponent(der_alpha, sample_new_memory_batch=True),
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), der_beta, sample_new_memory_batch=True),
@@ -389,91 +449,136 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         }
 
 
+_NON_NEGATIVE = ("alpha", "beta", "der_alpha", "der_beta", "cls_alpha", "pod_alpha", "beta", "sp_sigma", "loss_weight")
+
+
+def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
+    """A learner's own options from its ``__init__``'s ``locals()`` (written once, in the signature)."""
+    return {k: v for k, v in frame_locals.items() if k not in ("self", "kwargs", "__class__")}
+
+
+def _check_method_options(options: dict[str, Any]) -> None:
+    """Refuses negative loss weights and a non-positive shrink factor before anything is built."""
+    for name in _NON_NEGATIVE:
+        if name in options and not float(options[name]) >= 0.0:
+            raise ValueError(f"{name} must be >= 0 (a loss weight), got {options[name]!r}")
+    if "sp_shrink_factor" in options and not float(options["sp_shrink_factor"]) > 0.0:
+        raise ValueError(
+            "sp_shrink_factor must be > 0 (1 keeps the weights, 0 would erase them), "
+            f"got {options['sp_shrink_factor']!r}"
+        )
+
+
 def _ce(loss_fn: nn.Module | None) -> nn.Module:
     return loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
 
 
-_OPTION_NAMES = set(inspect.signature(TrainingOptions).parameters) - {"extra"}
+def _by_name(fn: Any, values: dict[str, Any]) -> dict[str, Any]:
+    """The entries of ``values`` that ``fn`` takes as parameters (options flow by name, never by position)."""
+    accepted = inspect.signature(fn).parameters
+    return {k: v for k, v in values.items() if k in accepted}
+
+
+def method_option_parameters(learner_class: type) -> list[inspect.Parameter]:
+    """The method's own options: the parameters of ``learner_class.__init__`` (their one definition)."""
+    skip = {"self", "components", "ema_memory_update_gamma", "loss_weight", "loss_normalization"}
+    return [
+        p.replace(kind=POSITIONAL_OR_KEYWORD)
+        for name, p in inspect.signature(learner_class.__init__).parameters.items()
+        if name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+    ]
 
 
 class _ExperienceReplayModelUpdater(SingleTrainingLoopUpdater):
-    """Shared constructor of the ER-family updaters: replay options, then the method's own options,
-    then the common training options (``TrainingOptions``), all as keyword arguments."""
+    """Shared constructor of the ER-family updaters, generated for each subclass from one definition.
+
+    The positional order is the spec's: ``model, loss_fn, optimizer, memory_size,
+    batch_memory_frac, loss_weight, ema_memory_update_gamma, loss_normalization``, then the
+    method's own options in the order of its learner's signature. Everything after that
+    (``memory_batch_size``, the state folders, ``learning_rate_scheduler`` and every other
+    training option) is keyword-only, so a call written for another order fails loudly instead
+    of, say, naming a state folder ``'epoch'``.
+    """
 
     learner_class: type[BaseExperienceReplayLearner]
 
-    def __init__(
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "learner_class" not in cls.__dict__:
+            return
+        replay = inspect.signature(BaseExperienceReplayLearner.__init__).parameters
+        memory = inspect.signature(ReplayLearner.__init__).parameters
+        prefix = [
+            inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
+            inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
+            inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+            memory["memory_size"].replace(default=DEFAULT_MEMORY_SIZE),
+            memory["batch_memory_frac"],
+            replay["loss_weight"],
+            replay["ema_memory_update_gamma"],
+            replay["loss_normalization"],
+        ]
+        keyword = [
+            memory["memory_batch_size"].replace(kind=KEYWORD_ONLY),
+            inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            *training_option_parameters(),
+        ]
+        docs = option_docs(cls.learner_class, ReplayLearner, UpdaterArguments, TrainingOptions)
+        parameters = [*prefix, *method_option_parameters(cls.learner_class), *keyword]
+        install_signature(cls, parameters, _build_er_updater, docs)
+
+
+def _build_er_updater(
+    self: _ExperienceReplayModelUpdater,
+    model: ContinualModel,
+    loss_fn: nn.Module | None,
+    optimizer: Any,
+    input_state_folder: Any,
+    output_state_folder: Any,
+    **arguments: Any,
+) -> None:
+    options = {k: v for k, v in arguments.items() if k in TRAINING_OPTION_NAMES}
+    learner_kwargs = {k: v for k, v in arguments.items() if k not in TRAINING_OPTION_NAMES}
+    SingleTrainingLoopUpdater.__init__(
         self,
-        model: ContinualModel,
-        loss_fn: nn.Module | None = None,
-        optimizer: Any = None,
-        memory_size: int = 500,
-        batch_memory_frac: float = 0.5,
-        loss_weight: float = 1.0,
-        ema_memory_update_gamma: float = 1.0,
-        loss_normalization: int = 1,
-        memory_batch_size: int | None = None,
-        input_state_folder: Any = None,
-        output_state_folder: Any = None,
-        **kwargs: Any,
-    ) -> None:
-        options = {k: v for k, v in kwargs.items() if k in _OPTION_NAMES}
-        method_kwargs = {k: v for k, v in kwargs.items() if k not in _OPTION_NAMES}
-        allowed = set(inspect.signature(self.learner_class.__init__).parameters) - {"self", "kwargs"}
-        unknown = sorted(set(method_kwargs) - allowed)
-        if unknown:
-            raise TypeError(
-                f"{type(self).__name__} got unknown option(s) {', '.join(unknown)}; method options are "
-                f"{', '.join(sorted(allowed))}, training options are {', '.join(sorted(_OPTION_NAMES))}"
-            )
-        learner_kwargs = dict(
-            memory_size=memory_size,
-            batch_memory_frac=batch_memory_frac,
-            loss_weight=loss_weight,
-            ema_memory_update_gamma=ema_memory_update_gamma,
-            loss_normalization=loss_normalization,
-            memory_batch_size=memory_batch_size,
-            **method_kwargs,
-        )
-        super().__init__(
-            model,
-            loss_fn,
-            optimizer,
-            learner_class=self.learner_class,
-            learner_kwargs=learner_kwargs,
-            input_state_folder=input_state_folder,
-            output_state_folder=output_state_folder,
-            **options,
-        )
+        model,
+        loss_fn,
+        optimizer,
+        learner_class=self.learner_class,
+        learner_kwargs=learner_kwargs,
+        input_state_folder=input_state_folder,
+        output_state_folder=output_state_folder,
+        **options,
+    )
 
 
 class ExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
-    """ER; method option ``alpha=1.0``."""
+    """ER (Chaudhry et al., 2019): replays memory items with a cross-entropy of weight ``alpha``."""
 
     learner_class = ExperienceReplayLearner
 
 
 class DarkExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
-    """DER (beta=0) and DER++; method options ``alpha=1.0``, ``beta=1.0``."""
+    """DER (beta=0) and DER++ (Buzzega et al., 2020): replays stored logits (alpha) and labels (beta)."""
 
     learner_class = DarkExperienceReplayLearner
 
 
 class PooledOutputDistillationExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
-    """POD-ER; method options ``alpha=1.0``, ``distillation_type='spatial'``, ``normalize=1``."""
+    """POD-ER (Douillard et al., 2020): distils the pooled intermediate features of memory items."""
 
     learner_class = PooledOutputDistillationExperienceReplayLearner
 
 
 class CLSExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
-    """CLS-ER; method options ``alpha=0.5``, ``beta=0.1``, ``stable_model_update_weight=0.999``,
-    ``plastic_model_update_weight=0.999``, ``stable_model_update_probability=0.7``,
-    ``plastic_model_update_probability=0.9``. ``update`` returns the stable copy."""
+    """CLS-ER (Arani et al., 2022): replay plus consistency with plastic and stable EMA copies;
+    ``update`` returns the stable copy."""
 
     learner_class = CLSExperienceReplayLearner
 
 
 class SuperExperienceReplayModelUpdater(_ExperienceReplayModelUpdater):
-    """Super-ER; method options as ``SuperExperienceReplayLearner``. ``update`` returns the stable copy."""
+    """Super-ER: DER++ + shrink-and-perturb + CLS-ER + POD; ``update`` returns the CLS stable copy."""
 
     learner_class = SuperExperienceReplayLearner

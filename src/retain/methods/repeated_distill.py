@@ -22,6 +22,7 @@ expert's single epoch learns little.
 from __future__ import annotations
 
 import copy
+import inspect
 import warnings
 from collections.abc import Callable, Iterator
 from dataclasses import replace
@@ -33,12 +34,21 @@ from torch.utils.data import DataLoader, Dataset
 
 from retain import nested
 from retain.batching import BatchSource, NestedTensorDataset, dataset_length, iter_batches, unwrap_loader
-from retain.learners.base import Batch, Learner, ReplayLearner, model_device
+from retain.learners.base import Batch, Learner, ReplayLearner, model_device, use_float64
 from retain.memory import ReservoirMemory
 from retain.methods.baselines import reset_parameters
 from retain.models.adapter import forward_logits
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel, rebuild_model, registered_models
 from retain.nested import NestedTensors
+from retain.options import (
+    KEYWORD_ONLY,
+    POSITIONAL_OR_KEYWORD,
+    TrainingOptions,
+    UpdaterArguments,
+    install_signature,
+    option_docs,
+    training_option_parameters,
+)
 from retain.updaters.base import ModelUpdater, _deterministic
 from retain.updaters.loop import FitResult, fit
 
@@ -142,6 +152,8 @@ def reinitialized_copy(model: ContinualModel, seed: int, task_id: str | None = N
     ref = next(model.parameters(), None)
     if ref is not None:
         fresh = fresh.to(device=ref.device, dtype=ref.dtype)
+    if getattr(model, "_retain_float64", False):
+        use_float64(fresh)
     return fresh
 
 
@@ -161,6 +173,10 @@ class RepeatedDistillationLearner(ReplayLearner):
     ``task_id`` selects the head trained on the whole memory; the memory keeps no task ids, so RD
     is meant for one head (the spec's variant is for a fixed set of classes): since each update
     re-initialises the whole model, heads of other task ids do not survive an update.
+
+    Args:
+        consolidation_epochs: epochs of the consolidation on the memory (default: max_epochs).
+        consolidation_batch_size: batch size of the consolidation (default: batch_size).
     """
 
     def required_memory_metadata(self) -> dict[str, tuple[int, ...] | None]:
@@ -323,21 +339,26 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
 
     learner_class = RepeatedDistillationLearner
 
-    def __init__(
+    def _build(
         self,
         model: ContinualModel,
-        loss_fn: nn.Module | Callable[[Tensor, Tensor], Tensor] | None = None,
-        optimizer: Callable[..., torch.optim.Optimizer] | None = None,
-        memory_size: int = 500,
-        *,
-        consolidation_epochs: int | None = None,
-        consolidation_batch_size: int | None = None,
-        input_state_folder: Any = None,
-        output_state_folder: Any = None,
+        loss_fn: nn.Module | Callable[[Tensor, Tensor], Tensor] | None,
+        optimizer: Callable[..., torch.optim.Optimizer] | None,
+        memory_size: int,
+        consolidation_epochs: int | None,
+        consolidation_batch_size: int | None,
+        input_state_folder: Any,
+        output_state_folder: Any,
         **options: Any,
     ) -> None:
-        options.setdefault("seed", None)
-        super().__init__(
+        """The constructor's body; ``__init__`` (generated below) binds the arguments to its signature."""
+        if (options.get("devices") or 1) > 1:
+            raise ValueError(
+                f"{type(self).__name__} runs on one process: devices={options['devices']} is not supported "
+                "(its expert and consolidation phases are not distributed); use devices=1"
+            )
+        ModelUpdater.__init__(
+            self,
             model,
             loss_fn,
             optimizer,
@@ -366,6 +387,7 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
         The new data is streamed (read in batches, never held whole): once per expert epoch,
         once for the expert's logits, once into the memory."""
         learner = self.learner
+        learner.check_validation_data(val_dataset)  # before the expert trains, not after
         with _deterministic(self.options.deterministic_trainer):
             expert = self.train_expert(train_dataset, task_id, train_dataset_collate_fn)
             dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
@@ -389,6 +411,7 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
             self.options,
             seed=seed,
             early_stopping_enabled=False,
+            metric=None,
             logger=_PrefixedLogger(logger, "expert_") if logger is not None else None,
         )
         expert_learner = Learner(
@@ -409,6 +432,23 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
             description=f"{self.method_name} consolidation {learner.task_id}",
         )
 
+
+install_signature(
+    RepeatedDistillationModelUpdater,
+    [
+        inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
+        inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
+        inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+        inspect.Parameter("memory_size", POSITIONAL_OR_KEYWORD, default=500, annotation=int),
+        inspect.Parameter("consolidation_epochs", KEYWORD_ONLY, default=None, annotation="int | None"),
+        inspect.Parameter("consolidation_batch_size", KEYWORD_ONLY, default=None, annotation="int | None"),
+        inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+        inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+        *training_option_parameters(seed=None),
+    ],
+    RepeatedDistillationModelUpdater._build,
+    option_docs(RepeatedDistillationLearner, ReplayLearner, UpdaterArguments, TrainingOptions),
+)
 
 __all__ = [
     "RepeatedDistillationLearner",

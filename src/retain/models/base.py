@@ -159,6 +159,15 @@ class ContinualModel(nn.Module):
         self._feature_layers = list(names)
         self._hooked_features = [None] * len(names)
 
+    def get_params(self, task_id: str | None = None) -> list[nn.Parameter]:
+        """The parameters of the shared layers plus those of ``task_id``'s head (the spec's
+        ``RenateModule.get_params``): what an optimizer of one task's update should see."""
+        key = task_id or DEFAULT_TASK_ID
+        if key not in self.heads:
+            raise KeyError(f"no head for task id {key!r}; the model has {self.task_ids} (add_task_params adds one)")
+        in_heads = {id(p) for p in self.heads.parameters()}
+        return [p for p in self.parameters() if id(p) not in in_heads] + list(self.heads[key].parameters())
+
     def get_logits(self, x: Tensor, task_id: str | None = None) -> Tensor:
         return self(x, task_id)
 

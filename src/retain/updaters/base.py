@@ -21,7 +21,7 @@ from torch.utils.data import Dataset
 
 import retain
 from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
-from retain.learners.base import Learner, model_device, new_checkpoint
+from retain.learners.base import Learner, model_device, new_checkpoint, use_float64
 from retain.models.adapter import as_continual_model, is_plain_description, unwrap
 from retain.models.base import ContinualModel
 from retain.options import TrainingOptions
@@ -115,6 +115,8 @@ class ModelUpdater:
             self.output_lock = OutputLock(self.output_state_folder).acquire()
         try:
             self.model = model.to(self.device)
+            if self.options.float64:  # before the weights are loaded: a float64 state holds float64 tensors
+                use_float64(self.model)
             state = StateFolder(self.input_state_folder) if self.input_state_folder is not None else None
             if state is not None:
                 self._check_state_matches(state)
@@ -397,6 +399,7 @@ def _load_model_once(state_folder: str | Path, model: nn.Module | None) -> nn.Mo
     where = state.path / "model.safetensors"
     header = state.tensor_header("model.safetensors")
     description = state.manifest["model"]
+    float64 = any(dtype == torch.float64 for dtype, _ in header.values())  # written by a precision='64' update
     if len(description["task_ids"]) > len(header):
         heads = len(description["task_ids"])
         raise StateError(f"{where} holds {len(header)} tensors, too few for the {heads} task heads listed")
@@ -421,11 +424,15 @@ def _load_model_once(state_folder: str | Path, model: nn.Module | None) -> nn.Mo
         try:
             with torch.device("meta"):
                 skeleton = rebuild_model(description)
+            if float64:
+                skeleton.to(torch.float64)
             check_tensor_specs(header, tensor_specs(skeleton.state_dict()), where, "the recorded model needs")
             del skeleton
             target = rebuild_model(description)
         except (TypeError, ValueError, OverflowError, RuntimeError) as err:
             raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {printable(err)}") from None
+    if float64:
+        use_float64(target)
     check_tensor_specs(header, tensor_specs(target.state_dict()), where, "the model needs")
     weights = state.tensors("model.safetensors")
     check_finite(weights, where)

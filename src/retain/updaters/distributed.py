@@ -64,6 +64,7 @@ import os
 import pickle
 import socket
 import tempfile
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -280,6 +281,50 @@ def ensure_process_group(device: torch.device) -> None:
 def _destroy_process_group() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shutdown_process_group(timeout_s: float = 60.0) -> bool:
+    """Ends a launched job's process group cleanly; True when there was one.
+
+    A barrier (no rank leaves while another is still in a collective), ``destroy_process_group``,
+    then a count on the job's store until every rank has destroyed its group (no rank's exit tears
+    down connections another rank is still closing). Without this, a rank exiting with a live gloo
+    group was seen to abort at exit ("terminate called without an active exception", SIGABRT)
+    after its work was done, which a scheduler counts as a failure. ``retain update`` calls this,
+    then leaves with ``os._exit`` (see ``exit_launched_job``); a script running several updates in
+    one job calls it once at the end.
+    """
+    if not (dist.is_available() and dist.is_initialized()):
+        return False
+    world = dist.get_world_size()
+    store = dist.distributed_c10d._get_default_store()
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+    try:
+        store.add("retain_group_destroyed", 1)
+        deadline = time.monotonic() + timeout_s
+        while store.add("retain_group_destroyed", 0) < world and time.monotonic() < deadline:
+            time.sleep(0.01)
+    except Exception:  # the store's host already left: every rank had destroyed its group
+        pass
+    return True
+
+
+def exit_launched_job(code: int = 0) -> None:
+    """Leaves a torchrun worker after ``shutdown_process_group``: flushes the output and logs and
+    exits with ``os._exit(code)``, skipping the C++ static destructors of torch.distributed that
+    can abort a worker whose work is complete. Everything the update wrote is already on disk
+    (state folders are written and fsynced before the update returns)."""
+    import logging
+    import sys
+
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 # ------------------------------------------------------------------------------------ one rank
@@ -533,6 +578,7 @@ __all__ = [
     "derive_generator_state",
     "distributed_update",
     "ensure_process_group",
+    "exit_launched_job",
     "gather_memory",
     "in_launched_job",
     "merge_memories",
@@ -540,5 +586,6 @@ __all__ = [
     "shard_indices",
     "shard_memory",
     "share",
+    "shutdown_process_group",
     "wants_ddp",
 ]

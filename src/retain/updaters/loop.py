@@ -69,11 +69,9 @@ def fit(
     scaler = torch.amp.GradScaler(device.type) if o.precision == "16-mixed" else None
     params = [p for p in model.parameters() if p.requires_grad]
     result = FitResult(epochs=start_epoch, history=list(history or []))
-    best: float | None = None
-    for past in result.history:
-        value = past.get(o.metric) if o.metric is not None else None
-        if value is not None and (best is None or (value < best if o.mode == "min" else value > best)):
-            best = value
+    best, stale = monitor_history(o, result.history)
+    if start_epoch == 0 or o.metric is None:
+        learner.best_state = None  # only a resumed update carries its best epoch's weights in
     started = time.perf_counter()
     if start_epoch == 0:
         learner.on_train_start()
@@ -136,24 +134,53 @@ def fit(
         _log(learner, metrics)
         result.history.append({"epoch": float(epoch), **metrics})
         result.epochs = epoch + 1
+        if o.metric is not None:
+            if o.metric not in metrics:
+                raise ValueError(f"{o.metric!r} is monitored, but the validation metrics are {sorted(metrics)}")
+            value = metrics[o.metric]
+            if improves(value, best, o.mode):
+                best, stale = value, 0
+                learner.snapshot_best()
+            else:
+                stale += 1
         if on_epoch_end is not None:
             on_epoch_end(epoch, result)
-        if o.early_stopping_enabled and o.metric is not None:
-            if o.metric not in metrics:
-                raise ValueError(
-                    f"early stopping monitors {o.metric!r}, but the metrics are {sorted(metrics)}; "
-                    "pass a val_dataset or pick one of these"
-                )
-            value = metrics[o.metric]
-            improved = best is None or (value < best if o.mode == "min" else value > best)
-            if improved:
-                best = value
-            else:
-                result.stopped_early = True
-                break
+        if o.early_stopping_enabled and stale >= o.patience:
+            result.stopped_early = True
+            break
+    learner.restore_best()  # with `metric`, the best epoch's weights are kept, as the spec's checkpointing does
     learner.on_train_end()
+    if learner.options.logger is not None and callable(getattr(learner.options.logger, "save", None)):
+        learner.options.logger.save()  # Lightning's CSV and TensorBoard loggers write on save()
     result.train_seconds = time.perf_counter() - started
     return result
+
+
+def improves(value: float, best: float | None, mode: str) -> bool:
+    """Whether ``value`` is strictly better than ``best`` (None: nothing yet) in ``mode`` 'min'/'max'."""
+    return best is None or (value < best if mode == "min" else value > best)
+
+
+def monitor_history(options: Any, history: list[dict[str, float]]) -> tuple[float | None, int]:
+    """(best value of ``options.metric`` over ``history``, epochs since it last improved)."""
+    best, stale = None, 0
+    for entry in history:
+        value = entry.get(options.metric) if options.metric is not None else None
+        if value is None:
+            continue
+        if improves(value, best, options.mode):
+            best, stale = value, 0
+        else:
+            stale += 1
+    return best, stale
+
+
+def stops_early(options: Any, history: list[dict[str, float]]) -> bool:
+    """True when early stopping ends training after the last epoch of ``history``: ``metric`` has
+    not improved for ``patience`` epochs (Lightning's rule, with min_delta 0)."""
+    if not (options.early_stopping_enabled and options.metric) or not history:
+        return False
+    return monitor_history(options, history)[1] >= options.patience
 
 
 _MAX_PENDING = 256  # losses kept before they are added up (one host sync), which bounds their memory
