@@ -6,8 +6,9 @@ markdown lines, registered in ``TABLES``, so that more can be added beside these
 - ``der-step``: the DER++ training step (MLP 3072-100-100-10, 32 new + 32 memory items per draw,
   two draws per step) with the memory holding 1k ... 200k float32 3x32x32 items, median of
   ``--steps`` steps on one thread, the sizes interleaved round by round so that load from other
-  processes hits them alike; beside it ``memory.sample(32)`` and the whole-memory permutation
-  (``randperm(n)[:32]``) that the sampler replaced.
+  processes hits them alike; beside it the same step with the previous sampler (a permutation of
+  the whole memory per draw, interleaved with the new one), ``memory.sample(32)`` and the
+  ``randperm(n)[:32]`` that the sampler replaced.
 - ``memory-growth``: the resident memory (RSS) that 1,000 items cost in a 200k-item memory, each
   measured in a fresh process, growing storage vs ``preallocate=True`` (the previous behaviour).
 
@@ -30,6 +31,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from retain import memory as memory_module
 from retain.memory import ReservoirMemory
 from retain.methods.er import DarkExperienceReplayLearner
 from retain.models import MultiLayerPerceptron
@@ -101,29 +103,38 @@ def table_der_step(args: argparse.Namespace) -> list[str]:
     batch = (torch.rand(32, *ITEM_SHAPE, generator=g), torch.randint(0, 10, (32,), generator=g))
     rounds = 5
     per_round = max(1, args.steps // rounds)
-    times: dict[int, list[float]] = {m: [] for m in sizes}
-    for m in sizes:  # warm-up
-        _step_seconds(*runs[m], batch, 10)
-    for _ in range(rounds):
-        for m in sizes:
-            times[m] += _step_seconds(*runs[m], batch, per_round)
-    base = statistics.median(times[sizes[0]])
+    samplers = {"floyd": memory_module.FLOYD_MIN_ITEMS, "randperm": 2**62}  # the latter: the previous sampler
+    times: dict[tuple[int, str], list[float]] = {(m, s): [] for m in sizes for s in samplers}
+    try:
+        for m in sizes:  # warm-up
+            _step_seconds(*runs[m], batch, 10)
+        for _ in range(rounds):  # interleaved: sizes and samplers alike see the same load
+            for m in sizes:
+                for sampler, threshold in samplers.items():
+                    memory_module.FLOYD_MIN_ITEMS = threshold
+                    times[m, sampler] += _step_seconds(*runs[m], batch, per_round)
+    finally:
+        memory_module.FLOYD_MIN_ITEMS = samplers["floyd"]
+    base = statistics.median(times[sizes[0], "floyd"])
     lines = [
         f"DER++ step vs memory size (MLP 3072-100-100-10, 32 new + 2 x 32 memory items, "
-        f"median of {rounds * per_round} steps, {torch.get_num_threads()} thread(s))",
+        f"median of {rounds * per_round} steps, {torch.get_num_threads()} thread(s)); the previous "
+        "sampler (a permutation of the whole memory per draw) beside the O(k) one",
         "",
-        "| memory items | memory MB | DER++ step ms | vs first | memory.sample(32) us | randperm(n)[:32] us |",
-        "|---|---|---|---|---|---|",
+        "| memory items | memory MB | DER++ step ms | vs 1st row | step ms, previous sampler "
+        "| memory.sample(32) us | randperm(n)[:32] us |",
+        "|---|---|---|---|---|---|---|",
     ]
     gen = torch.Generator().manual_seed(0)
     for m in sizes:
         memory = runs[m][0].memory
-        step = statistics.median(times[m])
+        step = statistics.median(times[m, "floyd"])
+        previous = statistics.median(times[m, "randperm"])
         sample_us = _median_us(lambda memory=memory: memory.sample(32), args.calls)
         perm_us = _median_us(lambda m=m: torch.randperm(m, generator=gen)[:32], args.calls)
         lines.append(
             f"| {m:,} | {m * ITEM_BYTES / 2**20:,.0f} | {1e3 * step:.3f} | {step / base:.2f}x "
-            f"| {sample_us:.1f} | {perm_us:.1f} |"
+            f"| {1e3 * previous:.3f} | {sample_us:.1f} | {perm_us:.1f} |"
         )
     return lines
 
