@@ -436,7 +436,7 @@ class ReservoirMemory:
         if values.shape[0] != filled:
             raise ValueError(f"metadata {name!r} needs {filled} rows, got {values.shape[0]}")
         if self.targets is None:
-            raise ValueError(f"metadata {name!r}: the memory is empty")
+            return  # nothing stored yet: the column is created by the first write that carries it
         column = self._alloc((self.capacity, *values.shape[1:]), values.dtype)
         column[:filled] = values.detach().to(self.storage_device)
         self.metadata[name] = column
