@@ -221,6 +221,20 @@ class ReservoirMemory:
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
 
+    def empty_like(self, memory_size: int | None = None, seed: int = 0) -> ReservoirMemory:
+        """A new, empty memory with this one's settings (devices, pad values, transforms, storage policy),
+        e.g. for the DDP shards and the merged memory."""
+        return ReservoirMemory(
+            self.memory_size if memory_size is None else memory_size,
+            device=self.device,
+            seed=seed,
+            transform=self.transform,
+            target_transform=self.target_transform,
+            memory_device=self.memory_device,
+            pad_values=self.pad_values,
+            preallocate=self.preallocate,
+        )
+
     @property
     def capacity(self) -> int:
         """Rows allocated now (``memory_size + 1`` once full)."""
