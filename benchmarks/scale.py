@@ -4,12 +4,15 @@ Tables (choose with ``--tables``; each is a function ``table_<name>(args) -> lis
 markdown lines, registered in ``TABLES``, so that more can be added beside these):
 
 - ``der-step``: the DER++ training step (MLP 3072-100-100-10, 32 new + 32 memory items per draw,
-  two draws per step) with the memory holding 1k ... 200k float32 3x32x32 items, median of
-  ``--steps`` steps on one thread, the sizes interleaved round by round so that load from other
-  processes hits them alike; beside it ``memory.sample(32)`` and the whole-memory permutation
-  (``randperm(n)[:32]``) that the sampler replaced.
+  two draws per step) with the memory holding 1k ... 200k float32 3x32x32 items, median CPU time
+  (``time.thread_time``, so that other processes on shared cores do not count) of ``--steps``
+  steps on one thread, the sizes interleaved round by round; beside it the same step with the
+  previous sampler (a permutation of the whole memory per draw, interleaved with the new one),
+  ``memory.sample(32)`` and the ``randperm(n)[:32]`` that the sampler replaced.
 - ``memory-growth``: the resident memory (RSS) that 1,000 items cost in a 200k-item memory, each
   measured in a fresh process, growing storage vs ``preallocate=True`` (the previous behaviour).
+- ``pod-features``: the bytes POD-ER keeps per item (pooled vectors) vs the raw feature maps it
+  kept before, for each ``distillation_type``.
 
     python benchmarks/scale.py [--tables der-step memory-growth] [--sizes 1000 10000 50000 200000] [--quick]
 """
@@ -30,6 +33,7 @@ from pathlib import Path
 import torch
 from torch.utils.data import TensorDataset
 
+from retain import memory as memory_module
 from retain.memory import ReservoirMemory
 from retain.methods.er import DarkExperienceReplayLearner
 from retain.models import MultiLayerPerceptron
@@ -73,24 +77,25 @@ def _der_learner(memory_size: int, seed: int = 0) -> tuple[DarkExperienceReplayL
 def _step_seconds(
     learner: DarkExperienceReplayLearner, optimizer: torch.optim.Optimizer, batch: tuple, steps: int
 ) -> list[float]:
+    """CPU seconds of each step (``thread_time``: other processes sharing the cores do not count)."""
     times = []
     for i in range(steps):
-        start = time.perf_counter()
+        start = time.thread_time()
         loss = learner.training_step(batch, i)
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         learner.on_train_batch_end(loss, batch, i)
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return times
 
 
 def _median_us(fn: Callable[[], object], calls: int) -> float:
     times = []
     for _ in range(calls):
-        start = time.perf_counter()
+        start = time.thread_time()
         fn()
-        times.append(time.perf_counter() - start)
+        times.append(time.thread_time() - start)
     return 1e6 * statistics.median(times)
 
 
@@ -101,29 +106,38 @@ def table_der_step(args: argparse.Namespace) -> list[str]:
     batch = (torch.rand(32, *ITEM_SHAPE, generator=g), torch.randint(0, 10, (32,), generator=g))
     rounds = 5
     per_round = max(1, args.steps // rounds)
-    times: dict[int, list[float]] = {m: [] for m in sizes}
-    for m in sizes:  # warm-up
-        _step_seconds(*runs[m], batch, 10)
-    for _ in range(rounds):
-        for m in sizes:
-            times[m] += _step_seconds(*runs[m], batch, per_round)
-    base = statistics.median(times[sizes[0]])
+    samplers = {"floyd": memory_module.FLOYD_MIN_ITEMS, "randperm": 2**62}  # the latter: the previous sampler
+    times: dict[tuple[int, str], list[float]] = {(m, s): [] for m in sizes for s in samplers}
+    try:
+        for m in sizes:  # warm-up
+            _step_seconds(*runs[m], batch, 10)
+        for _ in range(rounds):  # interleaved: sizes and samplers alike see the same load
+            for m in sizes:
+                for sampler, threshold in samplers.items():
+                    memory_module.FLOYD_MIN_ITEMS = threshold
+                    times[m, sampler] += _step_seconds(*runs[m], batch, per_round)
+    finally:
+        memory_module.FLOYD_MIN_ITEMS = samplers["floyd"]
+    base = statistics.median(times[sizes[0], "floyd"])
     lines = [
         f"DER++ step vs memory size (MLP 3072-100-100-10, 32 new + 2 x 32 memory items, "
-        f"median of {rounds * per_round} steps, {torch.get_num_threads()} thread(s))",
+        f"median CPU time of {rounds * per_round} steps, {torch.get_num_threads()} thread(s)); the "
+        "previous sampler (a permutation of the whole memory per draw) beside the O(k) one",
         "",
-        "| memory items | memory MB | DER++ step ms | vs first | memory.sample(32) us | randperm(n)[:32] us |",
-        "|---|---|---|---|---|---|",
+        "| memory items | memory MB | DER++ step ms | vs 1st row | step ms, previous sampler "
+        "| memory.sample(32) us | randperm(n)[:32] us |",
+        "|---|---|---|---|---|---|---|",
     ]
     gen = torch.Generator().manual_seed(0)
     for m in sizes:
         memory = runs[m][0].memory
-        step = statistics.median(times[m])
+        step = statistics.median(times[m, "floyd"])
+        previous = statistics.median(times[m, "randperm"])
         sample_us = _median_us(lambda memory=memory: memory.sample(32), args.calls)
         perm_us = _median_us(lambda m=m: torch.randperm(m, generator=gen)[:32], args.calls)
         lines.append(
             f"| {m:,} | {m * ITEM_BYTES / 2**20:,.0f} | {1e3 * step:.3f} | {step / base:.2f}x "
-            f"| {sample_us:.1f} | {perm_us:.1f} |"
+            f"| {1e3 * previous:.3f} | {sample_us:.1f} | {perm_us:.1f} |"
         )
     return lines
 
@@ -168,9 +182,38 @@ def table_memory_growth(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------- POD features
+def table_pod_features(args: argparse.Namespace) -> list[str]:
+    """What POD-ER keeps per item with the CIFAR recipe's ResNet-18 (width 64, 32x32 inputs)."""
+    from retain.learners.components import POD_TYPES, pod_memory_vector
+    from retain.models import ResNet18
+
+    model = ResNet18(num_outputs=100, width=64, in_channels=3).eval()
+    with torch.no_grad():
+        model(torch.rand(2, *ITEM_SHAPE))
+    features = model.get_intermediate_representation()
+    raw = sum(f[0].numel() for f in features) * 4
+    lines = [
+        "POD-ER: stored features per item, ResNet-18 (width 64) on 3x32x32 inputs (input item: 12 KiB); "
+        "memory of 2,000 items",
+        "",
+        "| distillation_type | raw maps KiB/item (previous) | stored KiB/item | ratio "
+        "| memory of 2,000 MiB, raw / stored |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in POD_TYPES:
+        stored = sum(pod_memory_vector(f, kind)[0].numel() for f in features) * 4
+        lines.append(
+            f"| {kind} | {raw / 1024:.1f} | {stored / 1024:.2f} | {raw / stored:.1f}x "
+            f"| {2000 * raw / 2**20:,.0f} / {2000 * stored / 2**20:,.1f} |"
+        )
+    return lines
+
+
 TABLES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
     "der-step": table_der_step,
     "memory-growth": table_memory_growth,
+    "pod-features": table_pod_features,
 }
 
 

@@ -44,6 +44,7 @@ _DTYPES = {
     )
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
 
 
 class MemoryStateError(ValueError):
@@ -135,7 +136,8 @@ def sample_without_replacement(
     """
     if not 0 <= k <= n:
         raise ValueError(f"cannot draw {k} distinct items out of {n}")
-    device = torch.device(device) if device is not None else generator.device
+    if not isinstance(device, torch.device):
+        device = torch.device(device) if device is not None else generator.device
     if n < FLOYD_MIN_ITEMS or k == n:
         perm = torch.randperm(n, device=device, generator=generator)
         return perm if k == n else perm[:k]
@@ -220,6 +222,20 @@ class ReservoirMemory:
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
 
+    def empty_like(self, memory_size: int | None = None, seed: int = 0) -> ReservoirMemory:
+        """A new, empty memory with this one's settings (devices, pad values, transforms, storage policy),
+        e.g. for the DDP shards and the merged memory."""
+        return ReservoirMemory(
+            self.memory_size if memory_size is None else memory_size,
+            device=self.device,
+            seed=seed,
+            transform=self.transform,
+            target_transform=self.target_transform,
+            memory_device=self.memory_device,
+            pad_values=self.pad_values,
+            preallocate=self.preallocate,
+        )
+
     @property
     def capacity(self) -> int:
         """Rows allocated now (``memory_size + 1`` once full)."""
@@ -289,7 +305,7 @@ class ReservoirMemory:
         if not isinstance(targets, Tensor) or targets.dim() != 1:
             shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"targets must be a 1-D tensor of class indices, got shape {shape}")
-        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        if targets.dtype not in _INTEGER_DTYPES:
             raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
         if targets.shape[0] != n or any(v.shape[0] != n for v in metadata.values()):
             raise ValueError("inputs, targets and metadata must have the same number of items")
@@ -348,11 +364,10 @@ class ReservoirMemory:
         ValueError and leaves the memory untouched.
         """
         metadata = metadata or {}
-        if isinstance(inputs, Tensor):
-            flat, struct = {"": inputs}, "tensor"
+        if isinstance(inputs, Tensor) and inputs.dim() > 0:  # the common case, kept cheap: runs every step
+            flat, struct, n = {"": inputs}, "tensor", inputs.shape[0]
         else:
-            flat, struct = nested.flatten(inputs), nested.structure(inputs)
-        n = nested.batch_size(inputs)
+            flat, struct, n = nested.flatten(inputs), nested.structure(inputs), nested.batch_size(inputs)
         self._check_batch(flat, struct, n, targets, metadata)
         if self.memory_size == 0 or n == 0:
             self.seen += n
@@ -361,14 +376,16 @@ class ReservoirMemory:
             self._start(flat, struct, metadata)
         for path, leaf in flat.items():
             have = self.columns[path].shape[1:]
-            if any(a > b for a, b in zip(leaf.shape[1:], have, strict=True)):
+            if leaf.shape[1:] != have and any(a > b for a, b in zip(leaf.shape[1:], have, strict=True)):
                 self._grow_leaf(path, tuple(max(a, b) for a, b in zip(leaf.shape[1:], have, strict=True)))
-        self._ensure_rows(self.seen + n if self.seen + n <= self.memory_size else self.memory_size + 1)
+        needed = self.seen + n if self.seen + n <= self.memory_size else self.memory_size + 1
+        if needed > self.targets.shape[0]:  # type: ignore[union-attr]
+            self._ensure_rows(needed)
         slots = self.reservoir_slots(n)
         storage = self.storage_device
         for path, leaf in flat.items():
             column = self.columns[path]
-            leaf = leaf.detach().to(storage)
+            leaf = leaf.to(storage)  # add runs without grad: no detach needed
             if leaf.shape[1:] != column.shape[1:]:
                 leaf = nested.pad_to(leaf, {"": column.shape[1:]}, {"": self._pad(path)})
             column.index_copy_(0, slots, leaf)
@@ -386,7 +403,7 @@ class ReservoirMemory:
         if filled == 0 or batch_size <= 0:
             return None
         k = min(batch_size, filled)
-        return self.get(sample_without_replacement(filled, k, self.generator, self.storage_device))
+        return self._get(sample_without_replacement(filled, k, self.generator, self.storage_device))
 
     def _gather(self, column: Tensor, indices: Tensor) -> Tensor:
         if not self._host:
@@ -401,17 +418,21 @@ class ReservoirMemory:
         """The items at ``indices``, on the training device, with the buffer transforms applied."""
         if self.targets is None:
             raise ValueError("the memory is empty")
-        indices = indices.to(self.storage_device)
+        return self._get(indices.to(self.storage_device))
+
+    def _get(self, indices: Tensor) -> MemoryBatch:
+        assert self.targets is not None
+        gather = self._gather
         if self.structure == "tensor":
-            inputs: NestedTensors = self._gather(self.columns[""], indices)
+            inputs: NestedTensors = gather(self.columns[""], indices)
         else:
-            inputs = nested.unflatten(self.structure, {p: self._gather(c, indices) for p, c in self.columns.items()})
-        targets = self._gather(self.targets, indices)
+            inputs = nested.unflatten(self.structure, {p: gather(c, indices) for p, c in self.columns.items()})
+        targets = gather(self.targets, indices)
         if self.transform is not None:
             inputs = self.transform(inputs)
         if self.target_transform is not None:
             targets = self.target_transform(targets)
-        return MemoryBatch(indices, inputs, targets, {k: self._gather(v, indices) for k, v in self.metadata.items()})
+        return MemoryBatch(indices, inputs, targets, {k: gather(v, indices) for k, v in self.metadata.items()})
 
     @torch.no_grad()
     def update_metadata(self, name: str, indices: Tensor, values: Tensor, gamma: float = 0.0) -> None:
@@ -430,7 +451,7 @@ class ReservoirMemory:
         if values.shape[0] != filled:
             raise ValueError(f"metadata {name!r} needs {filled} rows, got {values.shape[0]}")
         if self.targets is None:
-            raise ValueError(f"metadata {name!r}: the memory is empty")
+            return  # nothing stored yet: the column is created by the first write that carries it
         column = self._alloc((self.capacity, *values.shape[1:]), values.dtype)
         column[:filled] = values.detach().to(self.storage_device)
         self.metadata[name] = column
