@@ -291,3 +291,19 @@ def test_der_state_round_trip_through_the_new_writer(tmp_path: Path, chunk) -> N
     for name, tensor in a.learner.memory.state_dict()[1].items():
         assert torch.equal(tensor, b.learner.memory.state_dict()[1][name]), name
     json.dumps(StateFolder(tmp_path / "a").manifest)
+
+
+def test_an_output_changed_on_the_updater_is_checked_and_locked(tmp_path: Path, chunk) -> None:
+    updater = _updater(output_state_folder=tmp_path / "a")
+    updater.update(chunk)
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "f.txt").write_text("x")
+    updater.output_state_folder = tmp_path / "mine"
+    with pytest.raises(StateError, match="not a retain state folder"):
+        updater.update(chunk)
+    assert (tmp_path / "mine" / "f.txt").read_text() == "x"
+    updater.output_state_folder = tmp_path / "b"
+    with OutputLock(tmp_path / "b"), pytest.raises(StateLockedError, match="another update"):
+        updater.update(chunk)
+    updater.update(chunk)
+    assert StateFolder(tmp_path / "b").manifest["updates_done"] == 2  # the refused updates trained nothing

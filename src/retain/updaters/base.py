@@ -36,6 +36,7 @@ from retain.state import (
     check_tensor_specs,
     check_tensors_roundtrip,
     printable,
+    resolved,
     tensor_specs,
     write_state,
 )
@@ -130,6 +131,17 @@ class ModelUpdater:
             self.release_output_lock()
             raise
         self.last_fit: FitResult | None = None
+
+    def _hold_output_lock(self) -> None:
+        """Takes the output lock again after an earlier update released it, or takes the lock of a
+        new ``output_state_folder`` set on this updater (its path checked by the same rules)."""
+        if self.output_state_folder is None or secondary_rank():
+            return
+        if self.output_lock is None or self.output_lock.folder != resolved(self.output_state_folder):
+            self.release_output_lock()
+            self.output_state_folder = check_output_path(self.output_state_folder, self.input_state_folder)
+            self.output_lock = OutputLock(self.output_state_folder)
+        self.output_lock.acquire()
 
     def release_output_lock(self) -> None:
         """Releases (and removes) the output folder's lock; ``update`` takes it again if called again."""
@@ -232,8 +244,7 @@ class ModelUpdater:
         """
         from retain.updaters import distributed  # imported here: it builds on this module
 
-        if self.output_lock is not None:
-            self.output_lock.acquire()  # again, when this updater's lock was released by an earlier update
+        self._hold_output_lock()
         try:
             if distributed.wants_ddp(self.options):
                 return unwrap(distributed.distributed_update(
