@@ -33,7 +33,7 @@ from retain.nested import NestedTensors
 
 MEMORY_DEVICES = ("same", "cpu", "pinned")
 INITIAL_ROWS = 64  # first allocation (rows); storage then doubles up to memory_size + 1
-FLOYD_MIN_ITEMS = 2048  # below this many items a whole randperm is cheaper than Floyd's fixed op count
+FLOYD_MIN_ITEMS = 16_384  # below this many items one randperm costs less than Floyd's ~20 small ops
 _INT64_MAX = 2**63 - 1
 _DTYPES = {
     str(d).removeprefix("torch."): d
@@ -43,6 +43,16 @@ _DTYPES = {
     )
 }  # fmt: skip
 _NAME = re.compile(r"^[A-Za-z0-9_]+$")
+_INTEGER_DTYPES = frozenset({torch.uint8, torch.int8, torch.int16, torch.int32, torch.int64})
+
+
+class MemoryStateError(ValueError):
+    """A memory state that does not load: ``in_json`` says whether the JSON description (memory.json)
+    or the tensors (memory.safetensors) are at fault, so that a caller can name the file."""
+
+    def __init__(self, message: str, in_json: bool) -> None:
+        super().__init__(f"memory state: {message}")
+        self.in_json = in_json
 
 
 @dataclass
@@ -74,11 +84,14 @@ def floyd_resolve(t: Tensor, n: int, jumps: int | None = None) -> Tensor:
     """
     k = t.shape[-1]
     base = n - k
-    dup = (t.unsqueeze(-1) == t.unsqueeze(-2)).tril_(-1).any(-1)  # t_i equals some t_m, m < i
+    rows = t if t.dim() == 1 else t.unsqueeze(-2)
+    dup = (t.unsqueeze(-1) == rows).tril_(-1).any(-1)  # t_i equals some t_m, m < i
     # Positions: 0 = free sentinel, 1..k = steps 0..k-1, k+1 = collided sentinel.
     pointer = (t - (base - 1)).clamp_(min=0).masked_fill_(dup, k + 1)
-    ends = _sentinels(k, t.device).expand(*t.shape[:-1], 2)
-    pointer = torch.cat((ends[..., :1], pointer, ends[..., 1:]), dim=-1)
+    free, collided = _sentinels(k, t.device)
+    if t.dim() > 1:
+        free, collided = free.expand(*t.shape[:-1], 1), collided.expand(*t.shape[:-1], 1)
+    pointer = torch.cat((free, pointer, collided), dim=-1)
     for _ in range((k - 1).bit_length() if jumps is None else jumps):  # ceil(log2 k) for k >= 1
         pointer = pointer.gather(-1, pointer)
     return torch.where(pointer[..., 1:-1] == k + 1, _steps(n, k, t.device), t)
@@ -97,8 +110,12 @@ def _cached(kind: str, a: int, b: int, device: torch.device, build: Callable[[],
     return value
 
 
-def _sentinels(k: int, device: torch.device) -> Tensor:
-    return _cached("ends", k, 0, device, lambda: torch.tensor([0, k + 1], device=device))
+def _sentinels(k: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """The pointers of the free (0) and collided (k + 1) sentinels, each pointing to itself."""
+    return (
+        _cached("free", k, 0, device, lambda: torch.zeros(1, dtype=torch.long, device=device)),
+        _cached("collided", k, 0, device, lambda: torch.full((1,), k + 1, dtype=torch.long, device=device)),
+    )
 
 
 def _steps(n: int, k: int, device: torch.device) -> Tensor:
@@ -118,7 +135,8 @@ def sample_without_replacement(
     """
     if not 0 <= k <= n:
         raise ValueError(f"cannot draw {k} distinct items out of {n}")
-    device = torch.device(device) if device is not None else generator.device
+    if not isinstance(device, torch.device):
+        device = torch.device(device) if device is not None else generator.device
     if n < FLOYD_MIN_ITEMS or k == n:
         perm = torch.randperm(n, device=device, generator=generator)
         return perm if k == n else perm[:k]
@@ -203,6 +221,20 @@ class ReservoirMemory:
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
 
+    def empty_like(self, memory_size: int | None = None, seed: int = 0) -> ReservoirMemory:
+        """A new, empty memory with this one's settings (devices, pad values, transforms, storage policy),
+        e.g. for the DDP shards and the merged memory."""
+        return ReservoirMemory(
+            self.memory_size if memory_size is None else memory_size,
+            device=self.device,
+            seed=seed,
+            transform=self.transform,
+            target_transform=self.target_transform,
+            memory_device=self.memory_device,
+            pad_values=self.pad_values,
+            preallocate=self.preallocate,
+        )
+
     @property
     def capacity(self) -> int:
         """Rows allocated now (``memory_size + 1`` once full)."""
@@ -272,7 +304,7 @@ class ReservoirMemory:
         if not isinstance(targets, Tensor) or targets.dim() != 1:
             shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
             raise ValueError(f"targets must be a 1-D tensor of class indices, got shape {shape}")
-        if targets.dtype.is_floating_point or targets.dtype.is_complex or targets.dtype == torch.bool:
+        if targets.dtype not in _INTEGER_DTYPES:
             raise ValueError(f"targets must be integer class indices, got dtype {targets.dtype}")
         if targets.shape[0] != n or any(v.shape[0] != n for v in metadata.values()):
             raise ValueError("inputs, targets and metadata must have the same number of items")
@@ -331,11 +363,10 @@ class ReservoirMemory:
         ValueError and leaves the memory untouched.
         """
         metadata = metadata or {}
-        if isinstance(inputs, Tensor):
-            flat, struct = {"": inputs}, "tensor"
+        if isinstance(inputs, Tensor) and inputs.dim() > 0:  # the common case, kept cheap: runs every step
+            flat, struct, n = {"": inputs}, "tensor", inputs.shape[0]
         else:
-            flat, struct = nested.flatten(inputs), nested.structure(inputs)
-        n = nested.batch_size(inputs)
+            flat, struct, n = nested.flatten(inputs), nested.structure(inputs), nested.batch_size(inputs)
         self._check_batch(flat, struct, n, targets, metadata)
         if self.memory_size == 0 or n == 0:
             self.seen += n
@@ -344,14 +375,16 @@ class ReservoirMemory:
             self._start(flat, struct, metadata)
         for path, leaf in flat.items():
             have = self.columns[path].shape[1:]
-            if any(a > b for a, b in zip(leaf.shape[1:], have, strict=True)):
+            if leaf.shape[1:] != have and any(a > b for a, b in zip(leaf.shape[1:], have, strict=True)):
                 self._grow_leaf(path, tuple(max(a, b) for a, b in zip(leaf.shape[1:], have, strict=True)))
-        self._ensure_rows(self.seen + n if self.seen + n <= self.memory_size else self.memory_size + 1)
+        needed = self.seen + n if self.seen + n <= self.memory_size else self.memory_size + 1
+        if needed > self.targets.shape[0]:  # type: ignore[union-attr]
+            self._ensure_rows(needed)
         slots = self.reservoir_slots(n)
         storage = self.storage_device
         for path, leaf in flat.items():
             column = self.columns[path]
-            leaf = leaf.detach().to(storage)
+            leaf = leaf.to(storage)  # add runs without grad: no detach needed
             if leaf.shape[1:] != column.shape[1:]:
                 leaf = nested.pad_to(leaf, {"": column.shape[1:]}, {"": self._pad(path)})
             column.index_copy_(0, slots, leaf)
@@ -369,7 +402,7 @@ class ReservoirMemory:
         if filled == 0 or batch_size <= 0:
             return None
         k = min(batch_size, filled)
-        return self.get(sample_without_replacement(filled, k, self.generator, self.storage_device))
+        return self._get(sample_without_replacement(filled, k, self.generator, self.storage_device))
 
     def _gather(self, column: Tensor, indices: Tensor) -> Tensor:
         if not self._host:
@@ -384,17 +417,21 @@ class ReservoirMemory:
         """The items at ``indices``, on the training device, with the buffer transforms applied."""
         if self.targets is None:
             raise ValueError("the memory is empty")
-        indices = indices.to(self.storage_device)
+        return self._get(indices.to(self.storage_device))
+
+    def _get(self, indices: Tensor) -> MemoryBatch:
+        assert self.targets is not None
+        gather = self._gather
         if self.structure == "tensor":
-            inputs: NestedTensors = self._gather(self.columns[""], indices)
+            inputs: NestedTensors = gather(self.columns[""], indices)
         else:
-            inputs = nested.unflatten(self.structure, {p: self._gather(c, indices) for p, c in self.columns.items()})
-        targets = self._gather(self.targets, indices)
+            inputs = nested.unflatten(self.structure, {p: gather(c, indices) for p, c in self.columns.items()})
+        targets = gather(self.targets, indices)
         if self.transform is not None:
             inputs = self.transform(inputs)
         if self.target_transform is not None:
             targets = self.target_transform(targets)
-        return MemoryBatch(indices, inputs, targets, {k: self._gather(v, indices) for k, v in self.metadata.items()})
+        return MemoryBatch(indices, inputs, targets, {k: gather(v, indices) for k, v in self.metadata.items()})
 
     @torch.no_grad()
     def update_metadata(self, name: str, indices: Tensor, values: Tensor, gamma: float = 0.0) -> None:
@@ -413,7 +450,7 @@ class ReservoirMemory:
         if values.shape[0] != filled:
             raise ValueError(f"metadata {name!r} needs {filled} rows, got {values.shape[0]}")
         if self.targets is None:
-            raise ValueError(f"metadata {name!r}: the memory is empty")
+            return  # nothing stored yet: the column is created by the first write that carries it
         column = self._alloc((self.capacity, *values.shape[1:]), values.dtype)
         column[:filled] = values.detach().to(self.storage_device)
         self.metadata[name] = column
@@ -487,9 +524,10 @@ class ReservoirMemory:
         try:
             generator.set_state(tensors["generator_state"].cpu())
         except RuntimeError:
-            raise ValueError(
-                f"memory state: generator_state ({tensors['generator_state'].numel()} bytes) does not fit a "
-                f"{self.storage_device.type} generator"
+            raise MemoryStateError(
+                f"generator_state ({tensors['generator_state'].numel()} bytes) does not fit a "
+                f"{self.storage_device.type} generator",
+                in_json=False,
             ) from None
         self.generator = generator
         self.seen = seen
@@ -517,8 +555,11 @@ class ReservoirMemory:
         num_classes: int | None,
         required_metadata: dict[str, tuple[int, ...] | None] | None,
     ) -> tuple[Any, list[str], dict[str, float], list[str], int, int]:
-        def fail(message: str) -> ValueError:
-            return ValueError(f"memory state: {message}")
+        def fail(message: str) -> MemoryStateError:
+            return MemoryStateError(message, in_json=True)
+
+        def bad_tensors(message: str) -> MemoryStateError:
+            return MemoryStateError(message, in_json=False)
 
         if not isinstance(meta, dict):
             raise fail(f"the description must be a JSON object, got {type(meta).__name__}")
@@ -526,7 +567,11 @@ class ReservoirMemory:
         unknown = sorted(set(meta) - known)
         if unknown:
             raise fail(f"unknown field(s) {unknown}")
-        for key in ("memory_size", "seen", "metadata_names"):
+        nested_fields = ("input_structure", "input_leaves", "pad_values")
+        required = ["memory_size", "seen", "metadata_names"]
+        if any(key in meta for key in nested_fields):  # all three, or none (a state before nested inputs)
+            required += nested_fields
+        for key in required:
             if key not in meta:
                 raise fail(f"field {key!r} is missing")
         for key in ("memory_size", "seen"):
@@ -553,10 +598,10 @@ class ReservoirMemory:
                     f"{self.pad_values.get(path, 0)!r}"
                 )
         if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-            raise fail("tensors must be a dict of tensors")
+            raise bad_tensors("tensors must be a dict of tensors")
         state = tensors.get("generator_state")
         if state is None or state.dtype != torch.uint8 or state.dim() != 1:
-            raise fail("generator_state must be a 1-D uint8 tensor")
+            raise bad_tensors("generator_state must be a 1-D uint8 tensor")
         # the inputs' structure and leaves
         struct = meta.get("input_structure")
         if struct is None and filled and "inputs" in tensors:
@@ -584,10 +629,10 @@ class ReservoirMemory:
             expected |= {_input_key(p) for p in paths} | {"targets"} | {f"metadata.{n}" for n in names}
         unknown = sorted(set(tensors) - expected)
         if unknown:
-            raise fail(f"unknown tensor(s) {unknown}")
+            raise bad_tensors(f"unknown tensor(s) {unknown}")
         missing = sorted(expected - set(tensors))
         if missing:
-            raise fail(f"tensor(s) {missing} missing")
+            raise bad_tensors(f"tensor(s) {missing} missing")
         if not filled:
             return struct if struct is not None else None, [], pads, [], seen, 0
         for path in paths:
@@ -602,33 +647,33 @@ class ReservoirMemory:
                 raise fail(f"input_leaves[{path!r}]: shape must be a list of sizes, got {shape!r}")
             value = tensors[key]
             if value.dtype != dtype or tuple(value.shape) != (filled, *shape):
-                raise fail(
+                raise bad_tensors(
                     f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {(filled, *shape)}"
                 )
         targets = tensors["targets"]
         if targets.dtype != torch.int64 or targets.dim() != 1:
-            raise fail(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
+            raise bad_tensors(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
         if targets.shape[0] != filled:
-            raise fail(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
+            raise bad_tensors(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
         if num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise fail(f"targets must lie in [0, {num_classes - 1}]")
+            raise bad_tensors(f"targets must lie in [0, {num_classes - 1}]")
         for name in names:
             value = tensors[f"metadata.{name}"]
             if value.dim() == 0 or value.shape[0] != filled:
-                raise fail(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
+                raise bad_tensors(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
         for name, shape in (required_metadata or {}).items():
             if name not in names:
-                raise fail(f"metadata column {name!r} is missing (the method needs it)")
+                raise bad_tensors(f"metadata column {name!r} is missing (the method needs it)")
             value = tensors[f"metadata.{name}"]
             if not value.dtype.is_floating_point:
-                raise fail(f"metadata column {name!r} must be floating point, got {value.dtype}")
+                raise bad_tensors(f"metadata column {name!r} must be floating point, got {value.dtype}")
             if shape is not None and tuple(value.shape[1:]) != tuple(shape):
-                raise fail(
+                raise bad_tensors(
                     f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
                 )
         for key, value in tensors.items():
             if value.dtype.is_floating_point and not _all_finite(value):
-                raise fail(f"tensor {key!r} contains NaN or Inf")
+                raise bad_tensors(f"tensor {key!r} contains NaN or Inf")
         return struct, paths, pads, list(names), seen, filled
 
 

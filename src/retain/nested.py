@@ -293,7 +293,8 @@ def cat(xs: Sequence[NestedTensors], pad_values: Mapping[str, float] | None = No
         raise ValueError("nested inputs: cat of no batches")
     if all(isinstance(x, Tensor) for x in xs):
         tensors: list[Tensor] = list(xs)  # type: ignore[arg-type]
-        if all(t.shape[1:] == tensors[0].shape[1:] for t in tensors):
+        first = tensors[0]
+        if all(t.shape[1:] == first.shape[1:] and t.dtype == first.dtype for t in tensors):
             return torch.cat(tensors)  # fast path, no padding needed
     struct = structure(xs[0])
     flats = []

@@ -109,6 +109,8 @@ def test_cat_refusals_name_the_leaf() -> None:
         nested.cat([{"a": torch.ones(1)}, {"a": torch.ones(1, dtype=torch.long)}])
     with pytest.raises(ValueError, match=r"leaf 'a' has different numbers of dims"):
         nested.cat([{"a": torch.ones(1)}, {"a": torch.ones(1, 2)}])
+    with pytest.raises(ValueError, match=r"the input tensor has different dtypes across batches"):
+        nested.cat([torch.ones(1, 2), torch.ones(1, 2, dtype=torch.long)])
     with pytest.raises(ValueError, match="cat of no batches"):
         nested.cat([])
 

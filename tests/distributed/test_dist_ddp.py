@@ -103,7 +103,7 @@ def test_two_ranks_then_one_and_one_then_two(
     # 270 items, 2 epochs: each rank offered its 135 items twice; one memory of 60 items, seen = total
     assert a1.json("memory.json") == s1.json("memory.json") == {
         "memory_size": 60, "seen": 540, "metadata_names": ["logits"] if method == "derpp" else [],
-        "input_structure": "tensor", "input_leaves": {"": {"dtype": "float32", "shape": [4]}}, "pad_values": {}}
+        "input_structure": "tensor", "input_leaves": {"": {"dtype": "float32", "shape": [1, 8, 8]}}, "pad_values": {}}
     # steps: 2 epochs of ceil(135 / 3) (each rank takes ceil(5 / 2) of the 5 new items of a step)
     assert a1.manifest["updates_done"] == 1 and a1.json("learner.json")["global_step"] == 90
 

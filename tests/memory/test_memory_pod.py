@@ -16,6 +16,7 @@ from retain.learners.components import (
     pod_feature_name,
     pod_loss,
     pod_loss_pooled,
+    pod_memory_vector,
     pod_pool,
 )
 from retain.memory import MemoryBatch
@@ -43,6 +44,15 @@ def test_pooled_storage_gives_the_raw_map_loss_bit_for_bit(distillation_type: st
     pooled = [columns[pod_feature_name(i, distillation_type)] for i in range(3)]
     assert torch.equal(pod_loss_pooled(current, pooled, distillation_type, normalize), reference)
     assert reference.item() > 0
+
+
+def test_a_fully_connected_layer_keeps_one_half_of_its_equal_spatial_halves() -> None:
+    h = torch.randn(5, 7)
+    assert torch.equal(pod_pool(h, "spatial"), torch.cat([pod_memory_vector(h, "spatial")] * 2, dim=1))
+    assert pod_memory_vector(h, "spatial").shape == (5, 7) and pod_memory_vector(h, "width").shape == (5, 7)
+    one_by_one = torch.randn(5, 3, 1, 1)
+    assert pod_memory_vector(one_by_one, "spatial").shape == (5, 3)
+    assert pod_memory_vector(torch.randn(5, 3, 2, 1), "spatial").shape == (5, 9)  # halves differ: both kept
 
 
 def test_pooled_loss_refuses_a_layer_pooled_differently() -> None:
@@ -131,7 +141,7 @@ def test_ema_refresh_averages_the_pooled_vectors() -> None:
     rows = drawn[0].indices
     for i, f in enumerate(features):
         name = pod_feature_name(i, "spatial")
-        expected = gamma * old[name][rows] + (1 - gamma) * pod_pool(f, "spatial")
+        expected = gamma * old[name][rows] + (1 - gamma) * pod_memory_vector(f, "spatial")
         assert torch.allclose(learner.memory.metadata[name][rows], expected, rtol=1e-5, atol=1e-6)
         assert not torch.allclose(expected, old[name][rows])  # the refresh moved them
 

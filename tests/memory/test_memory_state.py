@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from retain.memory import ReservoirMemory
+from retain.memory import MemoryStateError, ReservoirMemory
 
 State = tuple[dict[str, Any], dict[str, torch.Tensor]]
 
@@ -162,3 +162,19 @@ def test_an_empty_memory_state_round_trips() -> None:
     assert len(memory) == 0 and memory.inputs is None
     with pytest.raises(ValueError, match=r"unknown tensor\(s\) \['inputs'\]"):
         ReservoirMemory(5).load_state_dict(meta, {**tensors, "inputs": torch.zeros(0, 1)})
+
+
+def test_errors_say_whether_the_description_or_the_tensors_are_at_fault() -> None:
+    """So the updater can name memory.json or memory.safetensors in its StateError."""
+    for edit, in_json in [
+        (lambda m, t: _set(m, "seen", -1), True),
+        (lambda m, t: m.pop("pad_values"), True),  # the nested fields come all three or not at all
+        (lambda m, t: _set(t, "targets", t["targets"].int()), False),
+        (lambda m, t: _set(t, "generator_state", t["generator_state"][:16]), False),
+    ]:
+        meta, tensors = _edit(edit)
+        with pytest.raises(MemoryStateError) as info:
+            ReservoirMemory(6, pad_values={"ids": -1}).load_state_dict(meta, tensors)
+        assert info.value.in_json is in_json, str(info.value)
+    with pytest.raises(MemoryStateError, match="field 'pad_values' is missing"):
+        ReservoirMemory(6, pad_values={"ids": -1}).load_state_dict(*_edit(lambda m, t: m.pop("pad_values")))

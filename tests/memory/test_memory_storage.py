@@ -235,3 +235,21 @@ def test_pinned_host_memory_feeds_the_gpu() -> None:
     assert torch.equal(batch.inputs.cpu(), host.raw_items()[0][batch.indices])
     for memory in (same, host):  # CUDA and host generators draw differently: both hold 300 distinct items
         assert memory.raw_items()[0][:, 0].unique().numel() == 300
+
+
+def test_set_metadata_follows_growth_and_is_a_no_op_on_an_empty_memory() -> None:
+    memory = ReservoirMemory(300, seed=0)
+    memory.set_metadata("logits", torch.zeros(0, 2))  # Repeated Distillation refreshing an empty memory
+    assert memory.metadata == {}
+    memory.add(torch.arange(10).float()[:, None], torch.zeros(10, dtype=torch.long), {"logits": torch.zeros(10, 2)})
+    memory.set_metadata("logits", torch.arange(20).float().view(10, 2))
+    assert memory.metadata["logits"].shape == (memory.capacity, 2) == (64, 2)
+    memory.add(torch.zeros(100, 1), torch.zeros(100, dtype=torch.long), {"logits": torch.ones(100, 2)})
+    assert memory.capacity == 128 and torch.equal(memory.raw_items()[2]["logits"][:10], torch.arange(20.0).view(10, 2))
+
+
+def test_empty_like_keeps_the_settings() -> None:
+    memory = ReservoirMemory(9, seed=3, memory_device="cpu", pad_values={"ids": -1}, preallocate=True)
+    twin = memory.empty_like(4)
+    assert (twin.memory_size, twin.memory_device, twin.pad_values, twin.preallocate) == (4, "cpu", {"ids": -1}, True)
+    assert len(twin) == 0 and twin.pad_values is not memory.pad_values

@@ -142,10 +142,24 @@ def pod_feature_name(i: int, distillation_type: str) -> str:
     return f"pod_{distillation_type}_{i}"
 
 
+def _one_by_one(h: Tensor) -> bool:
+    return h.dim() == 2 or (h.dim() == 4 and h.shape[2] == 1 and h.shape[3] == 1)
+
+
+def pod_memory_vector(h: Tensor, distillation_type: str) -> Tensor:
+    """What the memory keeps of layer features ``h``: ``pod_pool(h, distillation_type)``, except that
+    for ``spatial`` on 1x1 maps (a fully connected layer) whose two halves are equal, one half."""
+    pooled = pod_pool(h, distillation_type)
+    if distillation_type == "spatial" and _one_by_one(h):
+        return pooled[:, : pooled.shape[1] // 2]
+    return pooled
+
+
 def pod_loss_pooled(
     current: list[Tensor], stored_pooled: list[Tensor], distillation_type: str = "spatial", normalize: bool = True
 ) -> Tensor:
-    """``pod_loss`` against stored representations that are already ``pod_pool``-ed (what the memory keeps)."""
+    """``pod_loss`` against stored representations that are already pooled (``pod_pool`` or the
+    memory's ``pod_memory_vector``)."""
     if not current:
         raise ValueError(
             "POD needs intermediate representations, but the model exposes none: name the layers to distil "
@@ -156,6 +170,8 @@ def pod_loss_pooled(
     total = current[0].new_zeros((), dtype=torch.float32)
     for h_cur, b in zip(current, stored_pooled, strict=True):
         a = pod_pool(h_cur, distillation_type)
+        if distillation_type == "spatial" and _one_by_one(h_cur) and 2 * b.shape[-1] == a.shape[-1]:
+            b = torch.cat([b, b], dim=1)  # stored as one of its two equal halves (pod_memory_vector)
         if a.shape != b.shape:
             raise ValueError(
                 f"POD: a layer pools to {tuple(a.shape[1:])} values per item, the memory stores {tuple(b.shape[1:])}"
@@ -178,10 +194,10 @@ def pod_loss(
 class WeightedPooledOutputDistillationLossComponent(Component):
     """``weight * POD`` between the current and the stored intermediate representations.
 
-    The memory keeps what the loss compares, ``pod_pool(h, distillation_type)`` of each layer
-    (for ``spatial`` a C x (H + W) vector instead of the C x H x W map), so the loss equals the
-    raw-map computation exactly; the EMA refresh (``ema_memory_update_gamma``) averages these
-    pooled vectors.
+    The memory keeps what the loss compares, ``pod_memory_vector(h, distillation_type)`` of each
+    layer (for ``spatial`` a C x (H + W) vector instead of the C x H x W map; C values for a fully
+    connected layer), so the loss equals the raw-map computation exactly; the EMA refresh
+    (``ema_memory_update_gamma``) averages these pooled vectors.
     """
 
     needs_features = True
@@ -202,7 +218,7 @@ class WeightedPooledOutputDistillationLossComponent(Component):
     def memory_features(self, features: list[Tensor]) -> dict[str, Tensor]:
         """The metadata columns to store for new items: each layer's pooled representation."""
         return {
-            pod_feature_name(i, self.distillation_type): pod_pool(f, self.distillation_type)
+            pod_feature_name(i, self.distillation_type): pod_memory_vector(f, self.distillation_type)
             for i, f in enumerate(features)
         }
 

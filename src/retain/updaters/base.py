@@ -175,7 +175,8 @@ class ModelUpdater:
         try:
             memory.load_state_dict(meta, memory_tensors, num_classes=num_classes, required_metadata=required)
         except ValueError as err:
-            raise StateError(f"{state.path / 'memory.safetensors'}: {err}") from None
+            name = "memory.json" if getattr(err, "in_json", False) else "memory.safetensors"
+            raise StateError(f"{state.path / name}: {err}") from None
 
     def load_resume_state(self, state: StateFolder) -> None:
         """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
