@@ -22,7 +22,7 @@ def _memory(lengths: list[int], seed: int) -> ReservoirMemory:
 def test_ranks_with_different_lengths_merge_padded_to_the_longest_with_the_pad_values() -> None:
     short, long = _memory([2, 3], seed=0), _memory([7, 4, 5], seed=1)
     merged = merge_memories([short.state_dict(), long.state_dict()], short, 6)
-    inputs, targets, metadata = merged.raw_items()
+    inputs, _, metadata = merged.raw_items()
     assert inputs["input_ids"].shape == (5, 7) and merged.seen == 5
     assert inputs["input_ids"][0].tolist() == [10, 10, PAD, PAD, PAD, PAD, PAD], "the declared pad id"
     assert inputs["attention_mask"][0].tolist() == [1, 1, 0, 0, 0, 0, 0], "other leaves pad with 0"
