@@ -11,6 +11,8 @@ markdown lines, registered in ``TABLES``, so that more can be added beside these
   ``memory.sample(32)`` and the ``randperm(n)[:32]`` that the sampler replaced.
 - ``memory-growth``: the resident memory (RSS) that 1,000 items cost in a 200k-item memory, each
   measured in a fresh process, growing storage vs ``preallocate=True`` (the previous behaviour).
+- ``pod-features``: the bytes POD-ER keeps per item (pooled vectors) vs the raw feature maps it
+  kept before, for each ``distillation_type``.
 
     python benchmarks/scale.py [--tables der-step memory-growth] [--sizes 1000 10000 50000 200000] [--quick]
 """
@@ -180,9 +182,38 @@ def table_memory_growth(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------- POD features
+def table_pod_features(args: argparse.Namespace) -> list[str]:
+    """What POD-ER keeps per item with the CIFAR recipe's ResNet-18 (width 64, 32x32 inputs)."""
+    from retain.learners.components import POD_TYPES, pod_memory_vector
+    from retain.models import ResNet18
+
+    model = ResNet18(num_outputs=100, width=64, in_channels=3).eval()
+    with torch.no_grad():
+        model(torch.rand(2, *ITEM_SHAPE))
+    features = model.get_intermediate_representation()
+    raw = sum(f[0].numel() for f in features) * 4
+    lines = [
+        "POD-ER: stored features per item, ResNet-18 (width 64) on 3x32x32 inputs (input item: 12 KiB); "
+        "memory of 2,000 items",
+        "",
+        "| distillation_type | raw maps KiB/item (previous) | stored KiB/item | ratio "
+        "| memory of 2,000 MiB, raw / stored |",
+        "|---|---|---|---|---|",
+    ]
+    for kind in POD_TYPES:
+        stored = sum(pod_memory_vector(f, kind)[0].numel() for f in features) * 4
+        lines.append(
+            f"| {kind} | {raw / 1024:.1f} | {stored / 1024:.2f} | {raw / stored:.1f}x "
+            f"| {2000 * raw / 2**20:,.0f} / {2000 * stored / 2**20:,.1f} |"
+        )
+    return lines
+
+
 TABLES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
     "der-step": table_der_step,
     "memory-growth": table_memory_growth,
+    "pod-features": table_pod_features,
 }
 
 
