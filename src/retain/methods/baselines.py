@@ -89,7 +89,8 @@ class JointLearner(Learner):
     scratch on all of them: the upper bound.
 
     This learner HOLDS DATA: every update reads its whole dataset into host memory (nested inputs
-    as one tensor per leaf, each padded to the longest item with 0) and the state folder stores
+    as one tensor per leaf, each padded to the longest item with its ``pad_values`` entry, default
+    0) and the state folder stores
     all items seen so far (``learner.safetensors``). Size the data accordingly; the replay
     methods stream.
     """
@@ -108,11 +109,12 @@ class JointLearner(Learner):
         task_id: str | None = None,
     ) -> None:
         dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
-        inputs, targets = materialize(dataset, collate_fn)
+        pads = self.options.pad_values
+        inputs, targets = materialize(dataset, collate_fn, pad_values=pads)
         inputs, targets = nested.to_device(inputs, "cpu"), targets.cpu()
         if self.seen_inputs is not None and self.seen_targets is not None:
             check_joinable(inputs, self.seen_inputs)
-            inputs = nested.cat([self.seen_inputs, inputs])
+            inputs = nested.cat([self.seen_inputs, inputs], pads)
             targets = torch.cat([self.seen_targets, targets.to(self.seen_targets.dtype)])
         super().on_model_update_start(
             NestedTensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id

@@ -130,11 +130,7 @@ def derive_generator_state(state: torch.Tensor, rank: int, device: torch.device 
 
 
 def _empty_like(memory: ReservoirMemory, memory_size: int) -> ReservoirMemory:
-    extra = {"pad_values": memory.pad_values} if getattr(memory, "pad_values", None) else {}
-    return ReservoirMemory(
-        memory_size, device=memory.device, transform=memory.transform, target_transform=memory.target_transform,
-        **extra,
-    )  # fmt: skip
+    return memory.empty_like(memory_size)
 
 
 def _pad_value(meta: dict[str, Any], key: str) -> float:
@@ -192,7 +188,7 @@ def merge_memories(
     """One memory of ``memory_size`` slots from the ranks' ``state_dict()``s, in rank order:
     their items concatenated, ``seen`` summed, rank 0's generator state."""
     seen = sum(int(meta["seen"]) for meta, _ in parts)
-    with_items = [(meta, tensors) for meta, tensors in parts if "inputs" in tensors and len(tensors["inputs"])]
+    with_items = [(meta, tensors) for meta, tensors in parts if "targets" in tensors and len(tensors["targets"])]
     names = list(with_items[0][0]["metadata_names"]) if with_items else []
     merged_tensors = {"generator_state": parts[0][1]["generator_state"]}
     base_meta = with_items[0][0] if with_items else parts[0][0]
@@ -229,7 +225,7 @@ def gather_memory(local: ReservoirMemory, memory_size: int) -> ReservoirMemory:
     """Every rank's memory gathered into one (on every rank): ``all_gather`` of the items, padded
     to the largest rank's count and sent as bytes, so that any dtype goes through gloo and nccl."""
     meta, tensors = local.state_dict()
-    rows = len(tensors["inputs"]) if "inputs" in tensors else 0
+    rows = len(tensors["targets"]) if "targets" in tensors else 0  # one row per item (inputs may be nested)
     spec = {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
     infos = _all_gather_object({"meta": meta, "rows": rows, "spec": spec})
     max_rows = max(info["rows"] for info in infos)
