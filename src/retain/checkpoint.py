@@ -33,21 +33,39 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-import retain
-from retain import nested
+import retain.nested as nested
 from retain.batching import dataset_labels, dataset_tensors, is_iterable, split_batch, unwrap_loader
 from retain.state import StateError, StateFolder, remove_stale_temporaries, write_state
+from retain.version import __version__
 
 if TYPE_CHECKING:
-    from retain.updaters.base import ModelUpdater
     from retain.updaters.loop import FitResult
+
+
+class ModelUpdater(Protocol):
+    """What the checkpointer needs of an updater (``retain.updaters.base.ModelUpdater`` has it);
+    a protocol, so that this module, which the updater imports, does not import the updater."""
+
+    options: Any
+    learner: Any
+    device: torch.device
+    output_state_folder: Path | None
+
+    @property
+    def method_name(self) -> str: ...
+
+    def method_options(self) -> dict[str, Any]: ...
+
+    def state_payload(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Tensor]]]: ...
+
+    def load_resume_state(self, state: StateFolder) -> None: ...
 
 logger = logging.getLogger("retain")
 
@@ -255,7 +273,7 @@ def update_fingerprint(
     Callables (transforms, optimizer factory, loss) are compared by their address-free repr."""
     options = {k: v for k, v in updater.options.describe().items() if k not in _NEUTRAL_OPTIONS}
     parts = {
-        "retain_version": retain.__version__,
+        "retain_version": __version__,
         "method": updater.method_name,
         "state": state_sha,
         "options": {k: without_addresses(v) if isinstance(v, str) else v for k, v in options.items()},

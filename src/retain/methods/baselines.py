@@ -10,7 +10,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from retain import nested
+import retain.nested as nested
 from retain.batching import NestedTensorDataset, materialize, unwrap_loader
 from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel

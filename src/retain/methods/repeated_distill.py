@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from retain import nested
+import retain.nested as nested
 from retain.batching import (
     BatchSource,
     LoaderOptions,
@@ -56,7 +56,7 @@ from retain.options import (
     option_docs,
     training_option_parameters,
 )
-from retain.updaters.base import ModelUpdater, _deterministic
+from retain.updaters.base import ModelUpdater, deterministic
 from retain.updaters.loop import FitResult, fit
 
 LOGITS = "logits"
@@ -402,7 +402,7 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
         once for the expert's logits, once into the memory."""
         learner = self.learner
         learner.check_validation_data(val_dataset)  # before the expert trains, not after
-        with _deterministic(self.options.deterministic_trainer):
+        with deterministic(self.options.deterministic_trainer):
             expert = self.train_expert(train_dataset, task_id, train_dataset_collate_fn)
             dataset, collate_fn, loading = unwrap_loader(
                 train_dataset, train_dataset_collate_fn, self.options.loader_options()

@@ -23,7 +23,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from retain import nested
+import retain.nested as nested
 from retain.models.base import _TASK_ID_PATTERN, DEFAULT_TASK_ID, ContinualModel
 
 PLAIN_MODULE_MARKER = "plain_nn_module"

@@ -78,19 +78,12 @@ from retain.models.adapter import PlainModuleAdapter, unwrap
 from retain.models.base import ContinualModel, rebuild_model
 from retain.options import TrainingOptions
 from retain.state import StateFolder
-from retain.updaters.base import ModelUpdater, _deterministic, seed_update
+from retain.updaters.base import DDP_STRATEGIES, ModelUpdater, deterministic, seed_update, wants_ddp
 from retain.updaters.loop import FitResult
-
-DDP_STRATEGIES = ("ddp", "ddp_spawn", "auto")
 
 
 class DistributedUpdateError(RuntimeError):
     """A DDP update failed on some rank; no state was written."""
-
-
-def wants_ddp(options: TrainingOptions) -> bool:
-    """True when ``options`` ask for a multi-process update."""
-    return (options.devices or 1) > 1 and options.strategy in DDP_STRATEGIES
 
 
 def in_launched_job() -> bool:
@@ -347,7 +340,7 @@ def run_rank(
             except Exception as err:  # reported to every rank, raised everywhere
                 error = f"{type(err).__name__}: {err}"
         _agree(error)
-        stack.enter_context(_deterministic(updater.options.deterministic_trainer))
+        stack.enter_context(deterministic(updater.options.deterministic_trainer))
         seed_update(learner.seed, learner.updates_done)
         learner.on_model_update_start(
             train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
@@ -477,10 +470,8 @@ def _run_spawned_rank(rank: int, world_size: int, payload: _Payload) -> None:
         model = payload.plain_module
     else:
         model = rebuild_model(StateFolder(payload.source_state).manifest["model"])
-    updater = payload.updater_class.__new__(payload.updater_class)
-    ModelUpdater.__init__(
-        updater, model, payload.loss_fn, payload.optimizer, learner_class=payload.learner_class,
-        learner_kwargs=payload.learner_kwargs, input_state_folder=payload.source_state,
+    updater = payload.updater_class(  # built as the user built it: the method's options by name
+        model, payload.loss_fn, payload.optimizer, **payload.learner_kwargs, input_state_folder=payload.source_state,
         output_state_folder=payload.output_state, **options,
     )  # fmt: skip
     if updater.device.type == "cpu":
@@ -536,8 +527,7 @@ def _spawn_update(
             raise DistributedUpdateError(f"the DDP update on {world} processes failed{where}: {detail}") from err
         state = StateFolder(target)
         # The parent continues from what rank 0 wrote, exactly as a new updater on that folder would.
-        updater._load_model_weights(state)
-        updater._load_learner_state(state)
+        updater.load_state(state)
         fit_file = Path(tmp) / "fit.json"
         updater.last_fit = FitResult(**json.loads(fit_file.read_text())) if fit_file.exists() else None
     return updater.learner.inference_model()
