@@ -33,6 +33,7 @@ import json
 import os
 import random
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -338,6 +339,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--report", default="runs/mutation", help="folder for mutation.json and mutation.md")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
     args = p.parse_args(argv)
+    # A SIGTERM ends the run like Ctrl-C: the running pytest is killed and the temporary copy removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     src_root = ROOT / "src"
     accepted = load_accepted()
     report_dir = Path(args.report)

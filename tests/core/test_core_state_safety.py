@@ -184,7 +184,7 @@ def test_second_writer_is_locked_out(tmp_path: Path, train_sets) -> None:
         with pytest.raises(StateLockedError, match="another update"), lock_output_folder(out):
             pass
         updater = _updater(FineTuningModelUpdater, output_state_folder=out)
-        with pytest.raises(StateLockedError):
+        with pytest.raises(StateLockedError, match="another update is writing the state folder"):
             updater.update(train_sets[0])
         assert updater.learner.global_step == 0  # refused before training
         assert not out.exists()

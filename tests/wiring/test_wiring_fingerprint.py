@@ -137,10 +137,10 @@ def test_a_checkpoint_of_another_update_is_not_resumed(tmp_path: Path, monkeypat
     def leave_checkpoint() -> None:
         def end_then_stop(self: Any, epoch: int, result: Any) -> None:
             real_end(self, epoch, result)
-            raise StopError
+            raise StopError("stopped after the first checkpoint")
 
         monkeypatch.setattr(checkpoint.ResumeCheckpointer, "on_epoch_end", end_then_stop)
-        with pytest.raises(StopError):
+        with pytest.raises(StopError, match="stopped after the first checkpoint"):
             build(tmp_path, checkpoint_every_n_epochs=1).update(data())
         monkeypatch.setattr(checkpoint.ResumeCheckpointer, "on_epoch_end", real_end)
         assert resume_folder(tmp_path / "out").is_dir()
