@@ -43,15 +43,20 @@ def test_verify_accepts_good_file_and_remembers_it(tmp_path: Path, monkeypatch) 
     path = tmp_path / "blob.bin"
     path.write_bytes(blob)
     spec = _spec_for(blob)
+    hashed: list[Path] = []
+    real_hash = datasets._hash_file
+
+    def counting_hash(file: Path, algorithm: str) -> str:
+        hashed.append(Path(file))
+        return real_hash(file, algorithm)
+
+    monkeypatch.setattr(datasets, "_hash_file", counting_hash)
     verify_file(path, spec)
-
-    def no_hashing(*args, **kwargs):
-        raise AssertionError("hashed again")
-
-    monkeypatch.setattr(datasets, "_hash_file", no_hashing)
+    assert hashed == [path]  # the first check reads the file
     verify_file(path, spec)  # in-process memo
     monkeypatch.setattr(datasets, "_VERIFIED", set())
     verify_file(path, spec)  # on-disk record, as a new process would see it
+    assert hashed == [path], "a verified, unchanged file was hashed again"
 
 
 def test_changed_file_is_hashed_again(tmp_path: Path) -> None:
@@ -83,13 +88,15 @@ def test_corrupt_real_file_names_file_and_checksum(tmp_path: Path, shared_data_d
     target = folder / "t10k-labels-idx1-ubyte.gz"
     _flip_byte(target, 1000)
     expected = datasets.FILE_SPECS["mnist"][target.name].digest
+    before = sorted((str(p.relative_to(tmp_path)), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
     with pytest.raises(DatasetFileError, match="found sha256:") as info:
         load_dataset("mnist", tmp_path, download=False)
     message = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert str(target) in message and expected in message and "found sha256:" in message
     assert "ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz" in message
-    assert not (tmp_path / ".retain-cache").exists()  # nothing written into the data dir
+    after = sorted((str(p.relative_to(tmp_path)), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing written into (or renamed inside) the data dir
 
 
 def test_missing_file_without_download_gives_url_hint(tmp_path: Path) -> None:

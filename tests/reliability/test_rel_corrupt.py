@@ -309,6 +309,7 @@ def test_pristine_state_loads(pristine: Path) -> None:
 def test_report_how_many_corruptions_were_tried(capsys: Any) -> None:
     if len(_tried) != len(CASES):
         pytest.skip("the count is reported when the whole file runs")
+    assert len(set(_tried)) == len(CASES), "a corruption case was counted twice"
     with capsys.disabled():
         files = sorted({c.split(":")[0] for c in _tried})
         print(
