@@ -48,23 +48,25 @@ ACCEPTED_FILE = ROOT / "tools" / "mutants_accepted.json"
 # The test files that exercise each module (the ones a developer would run after editing it).
 TEST_MAP: dict[str, list[str]] = {
     "retain/memory.py": ["tests/core/test_core_memory.py", "tests/core/test_core_memory_join.py",
-                         "tests/core/test_core_hot_path.py", "tests/reliability/test_rel_properties.py"],
-    "retain/state.py": ["tests/core/test_core_state_safety.py", "tests/core/test_core_state_roundtrip.py",
-                        "tests/reliability/test_rel_corrupt.py", "tests/wiring/test_wiring_state.py"],
-    "retain/learners/base.py": ["tests/er/test_er_learners.py", "tests/core/test_core_validation.py",
-                                "tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_baselines.py"],
-    "retain/learners/components.py": ["tests/er/test_er_components.py", "tests/er/test_er_cls.py",
-                                      "tests/wiring/test_wiring_methods.py"],
-    "retain/methods/er.py": ["tests/er/test_er_learners.py", "tests/er/test_er_updaters.py",
-                             "tests/er/test_er_cls.py", "tests/wiring/test_wiring_methods.py"],
-    "retain/methods/baselines.py": ["tests/wiring/test_wiring_baselines.py", "tests/core/test_core_end_to_end.py"],
-    "retain/methods/repeated_distill.py": ["tests/rd/test_rd_loss.py", "tests/rd/test_rd_extract.py",
-                                           "tests/rd/test_rd_updater.py", "tests/wiring/test_wiring_methods.py"],
-    "retain/updaters/base.py": ["tests/core/test_core_state_roundtrip.py", "tests/core/test_core_validation.py",
-                                "tests/wiring/test_wiring_state.py", "tests/wiring/test_wiring_fingerprint.py",
-                                "tests/er/test_er_updaters.py"],
-    "retain/updaters/loop.py": ["tests/er/test_er_learners.py", "tests/core/test_core_validation.py",
-                                "tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_loop.py"],
+                         "tests/core/test_core_hot_path.py"],
+    "retain/state.py": ["tests/wiring/test_wiring_state.py", "tests/core/test_core_state_safety.py",
+                        "tests/reliability/test_rel_corrupt.py"],
+    "retain/learners/base.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
+                                "tests/wiring/test_wiring_baselines.py", "tests/core/test_core_validation.py",
+                                "tests/er/test_er_learners.py"],
+    "retain/learners/components.py": ["tests/wiring/test_wiring_methods.py", "tests/er/test_er_components.py",
+                                      "tests/er/test_er_cls.py"],
+    "retain/methods/er.py": ["tests/wiring/test_wiring_methods.py", "tests/er/test_er_learners.py",
+                             "tests/er/test_er_updaters.py", "tests/er/test_er_cls.py"],
+    "retain/methods/baselines.py": ["tests/wiring/test_wiring_baselines.py", "tests/core/test_core_validation.py"],
+    "retain/methods/repeated_distill.py": ["tests/wiring/test_wiring_losses.py", "tests/rd/test_rd_loss.py",
+                                           "tests/rd/test_rd_extract.py", "tests/rd/test_rd_updater.py"],
+    "retain/updaters/base.py": ["tests/wiring/test_wiring_state.py", "tests/wiring/test_wiring_fingerprint.py",
+                                "tests/core/test_core_validation.py", "tests/core/test_core_state_safety.py",
+                                "tests/er/test_er_cls.py"],
+    "retain/updaters/loop.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
+                                "tests/core/test_core_validation.py", "tests/speed/test_speed_hot_path.py",
+                                "tests/er/test_er_learners.py"],
     "retain/checkpoint.py": ["tests/wiring/test_wiring_fingerprint.py", "tests/reliability/test_rel_resume.py"],
     "retain/cli.py": ["tests/wiring/test_wiring_cli.py"],
 }
@@ -302,15 +304,17 @@ def mutated_source(mutant: Mutant, src_root: Path) -> str:
     raise LookupError(f"mutant {mutant.key} no longer applies")
 
 
-def run_tests(src_copy: Path, tests: list[str], timeout: float) -> tuple[str, float]:
-    """'passed', 'failed' or 'timeout' of ``pytest -x tests`` importing retain from ``src_copy``."""
-    env = dict(os.environ, PYTHONPATH=str(src_copy), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
-               PYTHONHASHSEED="0")
+def run_tests(run_root: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+    """'passed', 'failed' or 'timeout' of ``pytest -x tests`` run in ``run_root`` (a copy of the
+    repository's src/ and tests/) importing retain from its src/."""
+    env = dict(os.environ, PYTHONPATH=str(run_root / "src"), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONHASHSEED="0", RETAIN_TEST_DATA_DIR=os.environ.get("RETAIN_TEST_DATA_DIR",
+                                                                      str(ROOT.parent / "shared" / "data")))
     cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
            "--timeout", str(int(timeout)), *tests]
     start = time.perf_counter()
     try:
-        proc = subprocess.run(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+        proc = subprocess.run(cmd, cwd=run_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                               timeout=timeout, check=False)
     except subprocess.TimeoutExpired:
         return "timeout", time.perf_counter() - start
@@ -348,8 +352,13 @@ def main(argv: list[str] | None = None) -> int:
     results: list[Mutant] = []
     summary: dict[str, dict[str, int]] = {}
     with tempfile.TemporaryDirectory(prefix="retain-mutate-") as tmp:
-        src_copy = Path(tmp) / "src"
-        shutil.copytree(src_root, src_copy, ignore=shutil.ignore_patterns("__pycache__", "*.egg-info"))
+        # src/ and tests/ are copied once: edits in the worktree while the run goes on change nothing.
+        run_root = Path(tmp)
+        src_copy = run_root / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".hypothesis")
+        shutil.copytree(src_root, src_copy, ignore=ignore)
+        shutil.copytree(ROOT / "tests", run_root / "tests", ignore=ignore)
+        shutil.copy2(ROOT / "pyproject.toml", run_root / "pyproject.toml")
         for module in args.module:
             mutants = enumerate_mutants(module, src_root)
             if args.kinds:
@@ -368,7 +377,7 @@ def main(argv: list[str] | None = None) -> int:
             if not tests:
                 raise SystemExit(f"no test files mapped for {module}: pass --tests")
             tests = [t for t in tests if (ROOT / t).exists()]
-            status, base_seconds = run_tests(src_copy, tests, timeout=1800)
+            status, base_seconds = run_tests(run_root, tests, timeout=1800)
             if status != "passed":
                 raise SystemExit(f"{module}: the unmutated tests {tests} do not pass ({status})")
             timeout = args.timeout or 3 * base_seconds + 30
@@ -380,7 +389,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for m in mutants:
                     target.write_text(mutated_source(m, src_root))
-                    status, m.seconds = run_tests(src_copy, tests, timeout)
+                    status, m.seconds = run_tests(run_root, tests, timeout)
                     target.write_text(original)
                     if status == "passed":
                         m.outcome = "accepted" if m.key in accepted else "survived"
@@ -390,6 +399,8 @@ def main(argv: list[str] | None = None) -> int:
                     counts["tested"] += 1
                     counts[m.outcome] += 1
                     results.append(m)
+                    summary[module] = counts
+                    write_report(report_dir, summary, results, quiet=True)  # readable while the run goes on
                     print(f"  {m.outcome:8s} {m.module}:{m.line} {m.kind}: {m.original} -> {m.mutated} "
                           f"({m.seconds:.0f} s)", flush=True)
             finally:
@@ -407,7 +418,7 @@ def score(counts: dict[str, int]) -> float:
     return (counts["killed"] + counts["timeout"]) / relevant if relevant else 1.0
 
 
-def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list[Mutant]) -> None:
+def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list[Mutant], quiet: bool = False) -> None:
     """``mutation.json`` and ``mutation.md`` (score per module and the survivors)."""
     (folder / "mutation.json").write_text(
         json.dumps({"summary": summary, "mutants": [asdict(m) for m in results]}, indent=2) + "\n"
@@ -429,7 +440,8 @@ def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list
     lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`: {m.reason}"
               for m in results if m.outcome == "accepted"] or ["none"]
     (folder / "mutation.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(rows))
+    if not quiet:
+        print("\n".join(rows))
 
 
 if __name__ == "__main__":

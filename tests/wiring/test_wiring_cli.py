@@ -22,6 +22,7 @@ import retain
 from retain.cli import main
 
 REPO = Path(__file__).resolve().parents[2]
+SRC = Path(retain.__file__).resolve().parents[1]  # the retain under test (a mutation run's copy, too)
 
 CONFIG = textwrap.dedent(
     """
@@ -82,7 +83,7 @@ def write_config(path: Path, method: str = "er", lr: float = 0.1, replay: bool =
 
 
 def retain_cmd(*args: str | Path) -> subprocess.CompletedProcess:
-    env = dict(os.environ, PYTHONPATH=str(REPO / "src"), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=str(SRC), OMP_NUM_THREADS="1")
     return subprocess.run([sys.executable, "-m", "retain.cli", *map(str, args)], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300, check=False)  # fmt: skip
 

@@ -55,6 +55,8 @@ def test_the_validation_loss_is_the_mean_over_items() -> None:
         expected = torch.nn.functional.cross_entropy(model(val.tensors[0]), val.tensors[1])
     assert updater.last_fit is not None
     assert updater.last_fit.history[-1]["val_loss"] == pytest.approx(float(expected), rel=1e-5)
+    hits = float((model(val.tensors[0]).argmax(1) == val.tensors[1]).float().mean())
+    assert updater.last_fit.history[-1]["val_accuracy"] == pytest.approx(hits)
 
 
 def test_consolidation_loss_is_the_batch_mean_of_double_distillation() -> None:

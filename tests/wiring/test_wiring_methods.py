@@ -123,6 +123,8 @@ class StepSpy:
                 value = _real(self, *args, **kwargs)
                 assert spy._current is not None, "a component loss ran outside a training step"
                 spy._current["components"].append((type(self), self.weight, value.detach().clone()))
+                batch = args[1] if len(args) > 1 else kwargs["batch_memory"]
+                spy._current["batches"].append((type(self), batch))  # kept alive: ids stay unique
                 return value
 
             monkeypatch.setattr(cls, "loss", loss)
@@ -139,9 +141,18 @@ class StepSpy:
     def watch(self, learner: Any) -> None:
         """Wraps ``learner.training_step`` to delimit the steps and keep the loss it returns."""
         real_step = learner.training_step
+        real_sample = learner.memory.sample
+
+        def sample(k: int) -> Any:
+            batch = real_sample(k)
+            if self._current is not None:
+                self._current["draws"] += 1
+            return batch
+
+        learner.memory.sample = sample
 
         def training_step(batch: Any, batch_idx: int) -> Tensor:
-            self._current = {"base": [], "components": [], "memory": len(learner.memory)}
+            self._current = {"base": [], "components": [], "batches": [], "draws": 0, "memory": len(learner.memory)}
             total = real_step(batch, batch_idx)
             self._current["total"] = total.detach().clone()
             self.steps.append(self._current)
@@ -173,6 +184,51 @@ def test_every_loss_component_runs_each_step_with_its_option_weight(
         torch.testing.assert_close(step["total"], numerator / denominator, rtol=1e-6, atol=1e-7)
     first = spy.steps[0]
     torch.testing.assert_close(first["total"], (0.7 * first["base"][0]) / (0.7 if normalization else 1.0))
+
+
+# memory draws per step and which components share a batch (the order of the README's table):
+# ER 1; DER mse + CE on two batches; POD 1; CLS CE and consistency on one batch; Super mse, CE (+ CLS on
+# the CE batch), POD on a third.
+DRAWS = {"er": 1, "der": 2, "pod": 1, "cls": 1, "super": 3}
+SHARED = {"cls": (CUSTOM, CLS), "super": (CUSTOM, CLS)}
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_memory_batches_per_step_and_the_batch_each_component_sees(
+    method: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    spy = StepSpy(monkeypatch)
+    updater = build(method)
+    spy.watch(updater.learner)
+    updater.update(blobs(0))
+    for step in spy.steps[1:]:
+        assert step["draws"] == DRAWS[method]
+        batch_of = dict(step["batches"])
+        assert len({id(b) for b in batch_of.values()}) == DRAWS[method]
+        if method in SHARED:
+            first, second = SHARED[method]
+            assert batch_of[first] is batch_of[second], "the consistency term must use the CE term's batch"
+
+
+@pytest.mark.parametrize("method", list(METHODS))
+def test_the_users_loss_fn_is_the_replay_cross_entropy(method: str) -> None:
+    """The loss_fn given to the updater computes the base loss and every cross-entropy replay term."""
+    sizes: list[int] = []
+    ce = torch.nn.CrossEntropyLoss(reduction="none")
+
+    def loss_fn(outputs: Tensor, targets: Tensor) -> Tensor:
+        sizes.append(len(targets))
+        return ce(outputs, targets)
+
+    updater_class, options, expected = METHODS[method]
+    updater = updater_class(
+        mlp(), loss_fn, functools.partial(torch.optim.SGD, lr=0.05), memory_size=13, batch_size=BATCH,
+        memory_batch_size=MEMORY_BATCH, max_epochs=EPOCHS, accelerator="cpu", **options,
+    )  # fmt: skip
+    updater.update(blobs(0))
+    replay_terms = 1 if CUSTOM in expected else 0
+    assert sizes.count(BATCH) == STEPS  # the base loss, every step
+    assert sizes.count(MEMORY_BATCH) == replay_terms * (STEPS - 1)  # the memory's CE from the second step on
 
 
 @pytest.mark.parametrize("method", list(METHODS))
@@ -292,3 +348,26 @@ def test_replay_options_reach_the_learner_and_the_memory() -> None:
     assert (split.train_batch_size, split.memory_batch_size) == (6, 2)
     updater.update(blobs(0))
     assert len(learner.memory) == 11 and learner.memory.seen == ITEMS * EPOCHS
+
+
+@pytest.mark.parametrize(
+    ("method", "options"),
+    [("er", {"memory_batch_size": 0}), ("er", {"alpha": 0.0}), ("der", {"alpha": 0.0, "beta": 0.0}),
+     ("pod", {"alpha": 0.0})],
+    ids=["er-no-memory-batch", "er-alpha-0", "der-weights-0", "pod-alpha-0"],
+)
+def test_replay_without_a_memory_term_trains_exactly_as_fine_tuning(method: str, options: dict[str, Any]) -> None:
+    """No memory batch, or every loss weight 0: no replay term, no extra forward and no memory draw,
+    so the weights are bit-identical to fine-tuning's on the same data, seed and batches."""
+    from retain.methods import FineTuningModelUpdater
+
+    data = blobs(0)
+    replay = build(method, loss_weight=1.0, **{"memory_batch_size": None, "batch_size": BATCH, **options})
+    if options.get("memory_batch_size") == 0:
+        assert replay.learner.memory_batch_size == 0
+    replayed = replay.update(data)
+    tuned = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.05),
+                                   batch_size=replay.learner.train_batch_size, max_epochs=EPOCHS,
+                                   accelerator="cpu").update(data)  # fmt: skip
+    for a, b in zip(replayed.parameters(), tuned.parameters(), strict=True):
+        assert torch.equal(a, b)
