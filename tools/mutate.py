@@ -342,6 +342,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: 3 x baseline + 30)")
     p.add_argument("--report", default="runs/mutation", help="folder for mutation.json and mutation.md")
     p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--rerun", default=None, help="a mutation.json: run only its survivors again (after new tests)")
     args = p.parse_args(argv)
     # A SIGTERM ends the run like Ctrl-C: the running pytest is killed and the temporary copy removed.
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
@@ -365,7 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                 kinds = set(args.kinds.split(","))
                 mutants = [m for m in mutants if m.kind in kinds]
             total = len(mutants)
-            if args.max_mutants is not None and total > args.max_mutants:
+            if args.rerun:
+                previous = json.loads(Path(args.rerun).read_text())["mutants"]
+                keys = {(m["module"], m["index"], m["kind"], m["variant"]) for m in previous
+                        if m["outcome"] == "survived"}  # fmt: skip
+                mutants = [m for m in mutants if (m.module, m.index, m.kind, m.variant) in keys]
+            elif args.max_mutants is not None and total > args.max_mutants:
                 mutants = sorted(random.Random(f"{args.seed}:{module}").sample(mutants, args.max_mutants),
                                  key=lambda m: (m.line, m.index, m.kind, m.variant))
             if args.list:

@@ -358,16 +358,19 @@ def test_replay_options_reach_the_learner_and_the_memory() -> None:
 )
 def test_replay_without_a_memory_term_trains_exactly_as_fine_tuning(method: str, options: dict[str, Any]) -> None:
     """No memory batch, or every loss weight 0: no replay term, no extra forward and no memory draw,
-    so the weights are bit-identical to fine-tuning's on the same data, seed and batches."""
+    so the weights are bit-identical to fine-tuning's on the same data, seed and batches, and the
+    memory holds the same reservoir as one that is never sampled (a draw would move its generator)."""
     from retain.methods import FineTuningModelUpdater
 
     data = blobs(0)
-    replay = build(method, loss_weight=1.0, **{"memory_batch_size": None, "batch_size": BATCH, **options})
-    if options.get("memory_batch_size") == 0:
-        assert replay.learner.memory_batch_size == 0
+    replay = build(method, loss_weight=1.0, **options)
     replayed = replay.update(data)
-    tuned = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.05),
-                                   batch_size=replay.learner.train_batch_size, max_epochs=EPOCHS,
-                                   accelerator="cpu").update(data)  # fmt: skip
+    tuned = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.05), batch_size=BATCH,
+                                   max_epochs=EPOCHS, accelerator="cpu").update(data)  # fmt: skip
     for a, b in zip(replayed.parameters(), tuned.parameters(), strict=True):
         assert torch.equal(a, b)
+    reference = build("er", memory_batch_size=0)
+    reference.update(data)
+    assert reference.learner.memory_batch_size == 0
+    kept, expected = replay.learner.memory.raw_items(), reference.learner.memory.raw_items()
+    assert torch.equal(kept[0], expected[0]) and torch.equal(kept[1], expected[1])
