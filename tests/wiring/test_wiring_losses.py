@@ -100,3 +100,24 @@ def test_rd_phases_follow_their_own_options(monkeypatch: pytest.MonkeyPatch) -> 
     assert batches["expert"] == [2 * 3, 2]  # 2 epochs of ceil(10 / 4) steps
     assert batches["consolidation"] == [5, 3] * 3  # 3 epochs over the 8 memory items in batches of 5
     assert updater.last_fit is not None and updater.last_fit.epochs == 3
+
+
+def test_ema_averages_float_buffers_and_copies_counters() -> None:
+    """CLS-ER's copies of a BatchNorm model: running statistics follow the EMA like the weights,
+    the integer step counter is copied."""
+    from retain.learners.components import ema_update
+
+    target, source = torch.nn.BatchNorm1d(2), torch.nn.BatchNorm1d(2)
+    with torch.no_grad():
+        target.weight.copy_(torch.tensor([1.0, 2.0]))
+        source.weight.copy_(torch.tensor([3.0, 6.0]))
+    target.running_mean.copy_(torch.tensor([4.0, 8.0]))
+    source.running_mean.copy_(torch.tensor([0.0, 4.0]))
+    target.running_var.fill_(1.0)
+    source.running_var.fill_(5.0)
+    source.num_batches_tracked.fill_(7)
+    ema_update(target, source, 0.75)
+    assert torch.equal(target.weight.detach(), torch.tensor([1.5, 3.0]))
+    assert torch.equal(target.running_mean, torch.tensor([3.0, 7.0]))
+    assert torch.equal(target.running_var, torch.tensor([2.0, 2.0]))
+    assert int(target.num_batches_tracked) == 7
