@@ -34,8 +34,9 @@ def mlp() -> MultiLayerPerceptron:
 
 
 def build(cls: type, lr: float, input_state: Path | None, output_state: Path, **options) -> retain.ModelUpdater:
-    return cls(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=lr), batch_size=4, max_epochs=1,
-               accelerator="cpu", input_state_folder=input_state, output_state_folder=output_state, **options)
+    options = {"batch_size": 4, "max_epochs": 1, "accelerator": "cpu", **options}
+    return cls(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=lr), input_state_folder=input_state,
+               output_state_folder=output_state, **options)
 
 
 def trained_inputs(model: torch.nn.Module) -> list[Tensor]:
@@ -124,3 +125,15 @@ def test_joint_state_keeps_every_item_seen(tmp_path: Path) -> None:
     all_chunks = [chunk(s) for s in range(3)]
     assert rows(seen) == rows([c.tensors[0] for c in all_chunks])
     assert sorted(torch.cat(targets).tolist()) == sorted(torch.cat([c.tensors[1] for c in all_chunks]).tolist())
+
+
+@pytest.mark.parametrize("cls", [FineTuningModelUpdater, JointModelUpdater], ids=["finetune", "joint"])
+def test_each_baseline_validates_on_the_val_dataset(cls: type, tmp_path: Path) -> None:
+    """The val dataset given to update() is scored after every epoch (accuracy of the final model)."""
+    val = chunk(7)
+    updater = build(cls, 0.1, None, tmp_path / "v0", max_epochs=2)
+    model = updater.update(chunk(0), val)
+    assert updater.last_fit is not None and len(updater.last_fit.history) == 2
+    with torch.no_grad():
+        hits = float((model(val.tensors[0]).argmax(1) == val.tensors[1]).float().mean())
+    assert updater.last_fit.history[-1]["val_accuracy"] == pytest.approx(hits)
