@@ -103,3 +103,17 @@ def test_a_replaced_state_and_a_resume_checkpoint_are_fsynced(disk_log: list[tup
     disk_log.clear()
     build().update(data())  # replaces v0
     check_durable_write(disk_log, tmp_path / "v0")
+
+
+def test_a_state_folder_lists_exactly_the_files_it_holds(tmp_path: Path) -> None:
+    from retain.state import StateFolder
+
+    DarkExperienceReplayModelUpdater(
+        MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), memory_size=8, batch_size=4, max_epochs=1,
+        accelerator="cpu", output_state_folder=tmp_path / "v0",
+    ).update(data())  # fmt: skip
+    state = StateFolder(tmp_path / "v0")
+    assert all(state.has(p.name) for p in (tmp_path / "v0").iterdir() if p.name != "manifest.json")
+    assert not state.has("manifest.json") and not state.has("optimizer.json")
+    assert state.json("memory.json")["memory_size"] == 8
