@@ -142,3 +142,12 @@ def test_reset_parameters_reinitialises_a_plain_module() -> None:
     reset_parameters(plain)
     for p in plain.parameters():
         assert not bool((p.detach() == 0.5).all()) and float(p.detach().std()) > 0
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
+@pytest.mark.parametrize("accelerator", ["gpu", "cuda"])
+def test_an_accelerator_that_is_absent_is_refused_not_replaced(accelerator: str) -> None:
+    with pytest.raises(RuntimeError, match=f"accelerator='{accelerator}' was asked for, but no CUDA GPU is available"):
+        FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), accelerator=accelerator)
+    cpu = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), accelerator="cpu")
+    assert cpu.device == torch.device("cpu")
