@@ -151,3 +151,16 @@ def test_an_accelerator_that_is_absent_is_refused_not_replaced(accelerator: str)
         FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), accelerator=accelerator)
     cpu = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), accelerator="cpu")
     assert cpu.device == torch.device("cpu")
+
+
+def test_a_train_shard_is_the_given_items_in_batches_of_its_size() -> None:
+    """``use_train_shard`` (a DDP rank's part of the data): only the items given, in batches of the size given."""
+    learner = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=BATCH,
+                                     accelerator="cpu").learner  # fmt: skip
+    train = data()
+    learner.on_model_update_start(train, None)
+    learner.use_train_shard(torch.tensor([0, 3, 5]), 2)
+    batches = list(learner.train_dataloader())
+    assert [len(y) for _, y in batches] == [2, 1]
+    got = sorted(tuple(r.tolist()) for x, _ in batches for r in x)
+    assert got == sorted(tuple(train.tensors[0][i].tolist()) for i in (0, 3, 5))
