@@ -72,7 +72,7 @@ TEST_MAP: dict[str, list[str]] = {
     "retain/updaters/loop.py": ["tests/wiring/test_wiring_loop.py", "tests/wiring/test_wiring_methods.py",
                                 "tests/wiring/test_wiring_losses.py",
                                 "tests/core/test_core_validation.py", "tests/speed/test_speed_hot_path.py",
-                                "tests/er/test_er_learners.py"],
+                                "tests/er/test_er_learners.py", "tests/reliability/test_rel_resume.py"],
     "retain/checkpoint.py": ["tests/wiring/test_wiring_fingerprint.py", "tests/reliability/test_rel_resume.py"],
     "retain/cli.py": ["tests/wiring/test_wiring_cli.py"],
 }

@@ -56,13 +56,15 @@ def test_the_scheduler_steps_at_its_interval(interval: str, steps: int) -> None:
     assert updater.learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5**steps)
 
 
-def test_gradient_clipping_by_value_bounds_every_step() -> None:
-    """With clip value c and SGD lr 1, no weight moves by more than c in one step."""
+@pytest.mark.parametrize("precision", ["32", "16-mixed"])
+def test_gradient_clipping_by_value_bounds_every_step(precision: str) -> None:
+    """With clip value c and SGD lr 1, no weight moves by more than c in one step; with a gradient
+    scaler the gradients are unscaled before clipping (else the move would be c / scale)."""
     model = mlp()
     before = [p.detach().clone() for p in model.parameters()]
     updater = FineTuningModelUpdater(model, optimizer=functools.partial(torch.optim.SGD, lr=1.0), batch_size=ITEMS,
                                      max_epochs=1, accelerator="cpu", gradient_clip_val=1e-3,
-                                     gradient_clip_algorithm="value")  # fmt: skip
+                                     gradient_clip_algorithm="value", precision=precision)  # fmt: skip
     updater.update(data())
     moved = max(float((p.detach() - b).abs().max()) for p, b in zip(model.parameters(), before, strict=True))
     assert moved == pytest.approx(1e-3, rel=1e-5)  # clipped: the largest gradient entry is far above 1e-3
@@ -164,3 +166,25 @@ def test_a_train_shard_is_the_given_items_in_batches_of_its_size() -> None:
     assert [len(y) for _, y in batches] == [2, 1]
     got = sorted(tuple(r.tolist()) for x, _ in batches for r in x)
     assert got == sorted(tuple(train.tensors[0][i].tolist()) for i in (0, 3, 5))
+
+
+class DropoutMLP(MultiLayerPerceptron):
+    """An MLP whose features go through dropout in training (draws from the global generator)."""
+
+    def get_features(self, x: Tensor) -> Tensor:
+        return nn.functional.dropout(super().get_features(x), 0.5, self.training)
+
+
+def test_rd_expert_training_is_seeded_whatever_the_global_random_state() -> None:
+    """The expert's dropout draws come from the update's seed, not from the caller's global generator."""
+    results = []
+    for outer_seed in (1, 2):
+        torch.manual_seed(0)
+        model = DropoutMLP(num_inputs=4, num_outputs=3, hidden_sizes=(16,))
+        updater = RepeatedDistillationModelUpdater(model, optimizer=functools.partial(torch.optim.SGD, lr=0.5),
+                                                   memory_size=8, batch_size=BATCH, max_epochs=2, accelerator="cpu",
+                                                   seed=0)  # fmt: skip
+        torch.manual_seed(outer_seed)  # the caller's own draws before the update
+        expert = updater.train_expert(data())
+        results.append(torch.cat([p.detach().flatten() for p in expert.parameters()]))
+    assert torch.equal(results[0], results[1])
