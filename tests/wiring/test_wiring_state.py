@@ -117,3 +117,74 @@ def test_a_state_folder_lists_exactly_the_files_it_holds(tmp_path: Path) -> None
     assert all(state.has(p.name) for p in (tmp_path / "v0").iterdir() if p.name != "manifest.json")
     assert not state.has("manifest.json") and not state.has("optimizer.json")
     assert state.json("memory.json")["memory_size"] == 8
+
+
+def _update(output: Path, task_id: str | None = None, input_state: Path | None = None) -> None:
+    DarkExperienceReplayModelUpdater(
+        MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), memory_size=8, batch_size=4, max_epochs=1,
+        accelerator="cpu", input_state_folder=input_state, output_state_folder=output,
+    ).update(data(), task_id=task_id)  # fmt: skip
+
+
+def test_writing_and_reading_states_leaves_no_descriptor_open(tmp_path: Path) -> None:
+    from retain.state import StateFolder
+
+    _update(tmp_path / "v0")  # first use: imports and lazy allocations happen here
+    before = sorted(os.listdir("/proc/self/fd"))
+    for i in range(1, 4):
+        _update(tmp_path / f"v{i}", input_state=tmp_path / f"v{i - 1}")
+        StateFolder(tmp_path / f"v{i}")
+    assert sorted(os.listdir("/proc/self/fd")) == before
+
+
+def _rewrite_manifest(folder: Path, **changes: object) -> None:
+    import json
+
+    path = folder / "manifest.json"
+    manifest = json.loads(path.read_text())
+    manifest.update(changes)
+    path.write_text(json.dumps(manifest))
+
+
+@pytest.mark.parametrize(
+    ("key", "value", "kind"),
+    [("updates_done", "1", "int"), ("updates_done", True, "int"), ("method", 3, "str"), ("options", [], "dict"),
+     ("task_ids_seen", {}, "list")],
+)
+def test_manifest_values_of_the_wrong_type_are_refused(key: str, value: object, kind: str, tmp_path: Path) -> None:
+    from retain.state import StateError, StateFolder
+
+    _update(tmp_path / "v0")
+    _rewrite_manifest(tmp_path / "v0", **{key: value})
+    with pytest.raises(StateError, match=rf"'{key}' must be of type {kind}, got {type(value).__name__}"):
+        StateFolder(tmp_path / "v0")
+
+
+@pytest.mark.parametrize(
+    "targets", [torch.zeros(3), torch.zeros(3, dtype=torch.bool), torch.zeros(3, 1, dtype=torch.long)],
+    ids=["float", "bool", "2-D"],
+)
+def test_memory_targets_must_be_1d_integers(targets: torch.Tensor) -> None:
+    from retain.state import StateError, check_memory_tensors
+
+    tensors = {"generator_state": torch.zeros(8, dtype=torch.uint8), "targets": targets, "inputs": torch.zeros(3, 4)}
+    with pytest.raises(StateError, match="targets must be a 1-D integer tensor"):
+        check_memory_tensors(tensors, 3, "memory.safetensors")
+    check_memory_tensors({**tensors, "targets": torch.zeros(3, dtype=torch.long)}, 3, "memory.safetensors")
+
+
+def test_a_state_with_task_heads_loads_into_a_fresh_model(tmp_path: Path) -> None:
+    """The heads named in the manifest are added to the model given, then their weights loaded."""
+    import retain
+
+    _update(tmp_path / "v0", task_id="t1")
+    saved = retain.load_model(tmp_path / "v0").state_dict()
+    updater = DarkExperienceReplayModelUpdater(
+        MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), memory_size=8, batch_size=4, max_epochs=1,
+        accelerator="cpu", input_state_folder=tmp_path / "v0",
+    )  # fmt: skip
+    loaded = updater.model.state_dict()
+    assert any(k.startswith("heads.t1.") for k in loaded)
+    assert loaded.keys() == saved.keys() and all(torch.equal(loaded[k], saved[k]) for k in saved)
