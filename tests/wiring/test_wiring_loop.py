@@ -188,3 +188,12 @@ def test_rd_expert_training_is_seeded_whatever_the_global_random_state() -> None
         expert = updater.train_expert(data())
         results.append(torch.cat([p.detach().flatten() for p in expert.parameters()]))
     assert torch.equal(results[0], results[1])
+
+
+def test_the_fit_result_counts_steps_epochs_and_time() -> None:
+    updater = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=BATCH,
+                                     max_epochs=2, accelerator="cpu")  # fmt: skip
+    updater.update(data())
+    fit = updater.last_fit
+    assert fit is not None and (fit.steps, fit.epochs, fit.stopped_early) == (2 * ITEMS // BATCH, 2, False)
+    assert fit.train_seconds > 0
