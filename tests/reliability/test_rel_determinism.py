@@ -52,6 +52,7 @@ def _walk(value: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, value)]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_state_folders_in_separate_processes(tmp_path: Path) -> None:
     fresh_root, forked_root = tmp_path / "fresh", tmp_path / "forked"
     fresh = run_fresh_process({"jobs": _jobs(fresh_root)}, env={"PYTHONHASHSEED": "12345"})
