@@ -48,9 +48,11 @@ ACCEPTED_FILE = ROOT / "tools" / "mutants_accepted.json"
 # The test files that exercise each module (the ones a developer would run after editing it).
 TEST_MAP: dict[str, list[str]] = {
     "retain/memory.py": ["tests/core/test_core_memory.py", "tests/core/test_core_memory_join.py",
-                         "tests/core/test_core_hot_path.py"],
+                         "tests/core/test_core_hot_path.py", "tests/memory/test_memory_sampler.py",
+                         "tests/memory/test_memory_storage.py", "tests/memory/test_memory_state.py"],
     "retain/state.py": ["tests/wiring/test_wiring_state.py", "tests/core/test_core_state_safety.py",
-                        "tests/reliability/test_rel_corrupt.py"],
+                        "tests/reliability/test_rel_corrupt.py", "tests/safety/test_safe_paths.py",
+                        "tests/safety/test_bounded_loading.py", "tests/safety/test_cli_errors.py"],
     "retain/learners/base.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
                                 "tests/wiring/test_wiring_loop.py",
                                 "tests/wiring/test_wiring_baselines.py", "tests/core/test_core_validation.py",
@@ -365,6 +367,8 @@ def main(argv: list[str] | None = None) -> int:
         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".hypothesis")
         shutil.copytree(src_root, src_copy, ignore=ignore)
         shutil.copytree(ROOT / "tests", run_root / "tests", ignore=ignore)
+        for extra in ("examples", "tools"):  # configs and scripts that tests run
+            shutil.copytree(ROOT / extra, run_root / extra, ignore=ignore)
         shutil.copy2(ROOT / "pyproject.toml", run_root / "pyproject.toml")
         for module in args.module:
             mutants = enumerate_mutants(module, src_root)
