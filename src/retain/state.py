@@ -19,7 +19,9 @@ import os
 import re
 import secrets
 import shutil
+import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +55,117 @@ class StateError(RuntimeError):
 
 class StateLockedError(StateError):
     """Another update is writing the same output state folder."""
+
+
+# Files whose names start with this prefix are "mapped files" (the joint baseline's data chunks):
+# verified by a streaming hash and never held in memory; ``StateFolder.mapped_file`` hands out
+# their path for memory-mapped reading, and ``write_state(linked_files=...)`` reuses them in a
+# later state by hard link (copy across filesystems) without rewriting them.
+MAPPED_PREFIX = "chunk_"
+_HASH_BLOCK = 2**20
+# In-process record of mapped files already hashed: (st_dev, st_ino, st_size, st_mtime_ns) -> sha256.
+# An inode is recorded only when its mtime was >= _SETTLED_NS older than the start of its hash, so
+# that any later write to it (which sets mtime to a later time on a local filesystem, whose
+# timestamp granularity is <= 10 ms) changes the key. Set ``VERIFY_MAPPED_EVERY_TIME = True`` to
+# hash every mapped file at every load regardless.
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+_SETTLED_NS = 1_000_000_000
+VERIFY_MAPPED_EVERY_TIME = False
+
+
+def is_mapped_file(name: str) -> bool:
+    """Whether ``name`` is a mapped state file (verified streaming, read by memory map)."""
+    return name.startswith(MAPPED_PREFIX) and name.endswith(".safetensors")
+
+
+@dataclass(frozen=True)
+class LinkedFile:
+    """A verified file of a state folder that another state may reuse without rewriting it.
+
+    ``identity`` is ``(st_dev, st_ino, st_size, st_mtime_ns)`` of the file when its sha256 was
+    verified (or written): a hard link with the same identity is the same bytes.
+    """
+
+    path: Path
+    sha256: str
+    bytes: int
+    identity: tuple[int, int, int, int]
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)``: what ``LinkedFile.identity`` compares."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
+
+
+def _hash_open_file(f: Any) -> str:
+    h = hashlib.sha256()
+    buffer = bytearray(_HASH_BLOCK)
+    view = memoryview(buffer)
+    while n := f.readinto(view):
+        h.update(view[:n])
+    return h.hexdigest()
+
+
+def _verify_mapped(path: Path, entry: dict[str, Any]) -> LinkedFile:
+    """Streaming size + sha256 check of a mapped file (skipped for an inode already verified in
+    this process, see ``_VERIFIED``); the file's bytes are not kept."""
+    with open(path, "rb") as f:
+        before = os.fstat(f.fileno())
+        identity = file_identity(before)
+        if before.st_size != entry["bytes"]:
+            raise StateError(
+                f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {before.st_size}); "
+                "the file is truncated, corrupt or was edited"
+            )
+        if not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]:
+            return LinkedFile(path, entry["sha256"], entry["bytes"], identity)
+        started = time.time_ns()
+        digest = _hash_open_file(f)
+        if file_identity(os.fstat(f.fileno())) != identity:
+            raise StateError(f"{path}: the file changed while its checksum was being verified")
+    if digest != entry["sha256"]:
+        raise StateError(
+            f"{path}: checksum mismatch (expected sha256 {entry['sha256']}, found {digest}); "
+            "the file is corrupt or was edited"
+        )
+    if started - before.st_mtime_ns >= _SETTLED_NS:
+        _VERIFIED[identity] = digest
+    return LinkedFile(path, digest, entry["bytes"], identity)
+
+
+def _place_linked(source: LinkedFile, target: Path) -> None:
+    """Puts ``source`` at ``target`` by hard link (a copy where linking fails, e.g. across
+    filesystems) and checks that it holds the bytes the manifest will list: a link whose identity
+    equals the one verified is the same inode, unwritten since, so it is trusted without reading
+    it; anything else (a copy, or a source touched since) is hashed while it is placed."""
+    try:
+        os.link(source.path, target)
+    except OSError:
+        h = hashlib.sha256()
+        size = 0
+        try:
+            with open(source.path, "rb") as src, open(target, "xb") as dst:
+                buffer = bytearray(_HASH_BLOCK)
+                view = memoryview(buffer)
+                while n := src.readinto(view):
+                    h.update(view[:n])
+                    dst.write(view[:n])
+                    size += n
+                dst.flush()
+                os.fsync(dst.fileno())
+        except FileNotFoundError:
+            raise StateError(f"{source.path}: a file the new state reuses is missing") from None
+        digest = h.hexdigest()
+    else:
+        if file_identity(os.stat(target)) == source.identity:
+            return
+        with open(target, "rb") as f:
+            size, digest = os.fstat(f.fileno()).st_size, _hash_open_file(f)
+    if size != source.bytes or digest != source.sha256:
+        raise StateError(
+            f"{source.path}: the file the new state reuses was altered since it was verified "
+            f"(expected sha256 {source.sha256} and {source.bytes} bytes, found {digest} and {size} bytes)"
+        )
 
 
 def _sha256(data: bytes) -> str:
@@ -104,11 +217,16 @@ def write_state(
     manifest: dict[str, Any],
     json_files: dict[str, Any],
     tensor_files: dict[str, dict[str, torch.Tensor]],
+    linked_files: dict[str, LinkedFile] | None = None,
 ) -> Path:
     """Writes a complete state folder atomically (replacing an existing one only when complete).
 
     ``manifest`` gets ``format``, ``format_version`` and ``files`` filled in here.
+    ``linked_files`` maps names to verified files of other state folders that the new state
+    reuses: they are hard-linked (copied across filesystems) into the temporary folder before the
+    rename and listed with their known sha256 and size, so reusing them costs no rewrite.
     """
+    linked_files = dict(linked_files or {})
     folder = Path(folder).absolute()
     folder.parent.mkdir(parents=True, exist_ok=True)
     payloads: dict[str, bytes] = {}
@@ -116,13 +234,18 @@ def write_state(
         payloads[name] = _json_bytes(obj)
     for name, tensors in tensor_files.items():
         payloads[name] = save_safetensors_bytes({k: v.detach().cpu().contiguous() for k, v in tensors.items()})
-    for name in payloads:
+    for name in [*payloads, *linked_files]:
         if not _FILE_NAME.match(name) or name == MANIFEST:
             raise ValueError(f"invalid state file name {name!r}")
+    both = sorted(set(payloads) & set(linked_files))
+    if both:
+        raise ValueError(f"state files given both as contents and as linked files: {both}")
     manifest = dict(manifest)
     manifest["format"] = FORMAT_NAME
     manifest["format_version"] = FORMAT_VERSION
-    manifest["files"] = {n: {"sha256": _sha256(b), "bytes": len(b)} for n, b in sorted(payloads.items())}
+    files = {n: {"sha256": _sha256(b), "bytes": len(b)} for n, b in payloads.items()}
+    files.update({n: {"sha256": f.sha256, "bytes": f.bytes} for n, f in linked_files.items()})
+    manifest["files"] = dict(sorted(files.items()))
     _validate_manifest(manifest, folder)
 
     tmp = folder.parent / f".{folder.name}.tmp-{os.getpid()}-{secrets.token_hex(4)}"
@@ -131,6 +254,8 @@ def write_state(
     try:
         for name, data in payloads.items():
             _write_file(tmp / name, data)
+        for name, source in linked_files.items():
+            _place_linked(source, tmp / name)
         _write_file(tmp / MANIFEST, _json_bytes(manifest))
         _fsync_dir(tmp)
         if folder.exists():
@@ -231,7 +356,11 @@ def _validate_manifest(manifest: Any, folder: Path) -> None:
 
 
 class StateFolder:
-    """A verified state folder: every file's bytes are read once and checked against the manifest."""
+    """A verified state folder: every file's bytes are read once and checked against the manifest.
+
+    Mapped files (``is_mapped_file``) are hashed streaming instead and not kept in memory; their
+    verified path is handed out by ``mapped_file``.
+    """
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
@@ -256,10 +385,14 @@ class StateFolder:
         if unexpected:
             raise StateError(f"{self.path}: unexpected files not listed in the manifest: {sorted(unexpected)}")
         self._payloads: dict[str, bytes] = {}
+        self._mapped: dict[str, LinkedFile] = {}
         for name, entry in manifest["files"].items():
             path = self.path / name
             if path.is_symlink() or not path.is_file():
                 raise StateError(f"{path}: must be a regular file")
+            if is_mapped_file(name):
+                self._mapped[name] = _verify_mapped(path, entry)
+                continue
             size = path.stat().st_size
             if size != entry["bytes"]:
                 raise StateError(
@@ -275,7 +408,14 @@ class StateFolder:
             self._payloads[name] = data
 
     def has(self, name: str) -> bool:
-        return name in self._payloads
+        return name in self._payloads or name in self._mapped
+
+    def mapped_file(self, name: str) -> LinkedFile:
+        """The verified path, sha256, size and identity of mapped file ``name``: open it by memory
+        map (checking the identity of what was opened) or pass it to ``write_state(linked_files=)``."""
+        if name not in self._mapped:
+            raise StateError(f"{self.path}: {name} is missing (not a mapped file of this state)")
+        return self._mapped[name]
 
     def json(self, name: str) -> Any:
         if name not in self._payloads:
@@ -283,6 +423,8 @@ class StateFolder:
         return parse_json(self._payloads[name], self.path / name)
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self._mapped:
+            raise StateError(f"{self.path / name} is a mapped file: read it through mapped_file()")
         try:
             return load_safetensors_bytes(self._payloads[name])
         except KeyError:
