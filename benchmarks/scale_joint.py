@@ -15,7 +15,7 @@ Tables (each a function, printed by ``main``):
    --dataset mnist`` (the DER paper's Split-MNIST protocol); medians of ``--repeats`` runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_joint.py [--updates 50] [--items 1000]
-        [--repeats 3] [--mnist-dir ../shared/data] [--skip-cli]
+        [--repeats 3] [--mnist-dir ../shared/data] [--tables overhead first cli]
 """
 
 from __future__ import annotations
@@ -247,23 +247,27 @@ def cli_wall_table(repeats: int, mnist_dir: Path | None) -> str:
     ])  # fmt: skip
 
 
+TABLES = ("overhead", "first", "cli")
+
+
 def main(argv: list[str] | None = None) -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--updates", type=int, default=50)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--mnist-dir", type=Path, default=None, help="folder with mnist/ for the retain benchmark row")
-    p.add_argument("--skip-cli", action="store_true", help="skip the whole-process tables")
+    p.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES), help="which tables (default: all)")
     args = p.parse_args(argv)
     torch.set_num_threads(1)
     print(f"torch {torch.__version__}, {os.cpu_count()} CPUs, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}")
-    print()
-    print(overhead_table(args.updates, args.items))
-    if not args.skip_cli:
+    for table in args.tables:
         print()
-        print(first_update_table(args.repeats))
-        print()
-        print(cli_wall_table(args.repeats, args.mnist_dir))
+        if table == "overhead":
+            print(overhead_table(args.updates, args.items))
+        elif table == "first":
+            print(first_update_table(args.repeats))
+        else:
+            print(cli_wall_table(args.repeats, args.mnist_dir))
 
 
 if __name__ == "__main__":
