@@ -64,9 +64,9 @@ def _disk_bytes(path: Path) -> int:
 
 
 def per_update_overhead(method: str, updates: int, items: int, work: Path) -> list[dict[str, float]]:
-    """One row per update: load_s, train_s, save_s, state_mb (apparent size), new_disk_mb."""
+    """One row per update: load_s, train_s, save_s, state_mb (apparent size), new_disk_mb (disk bytes
+    of the files not shared with the previous state)."""
     rows: list[dict[str, float]] = []
-    seen: set[tuple[int, int]] = set()
     previous: Path | None = None
     for k in range(updates):
         started = time.perf_counter()
@@ -77,12 +77,9 @@ def per_update_overhead(method: str, updates: int, items: int, work: Path) -> li
         out = work / f"{method}{k:03d}"
         updater.save_state(out)
         saved = time.perf_counter()
-        new = 0
-        for path in out.iterdir():
-            st = path.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                new += _disk_bytes(path)
+        # A state can share files with the previous state only (Joint's links all point into it).
+        shared = {(p.stat().st_dev, p.stat().st_ino) for p in previous.iterdir()} if previous is not None else set()
+        new = sum(_disk_bytes(p) for p in out.iterdir() if (p.stat().st_dev, p.stat().st_ino) not in shared)
         rows.append({
             "update": k + 1, "load_s": loaded - started, "train_s": trained - loaded, "save_s": saved - trained,
             "state_mb": sum(p.stat().st_size for p in out.iterdir()) / 1e6, "new_disk_mb": new / 1e6,
