@@ -267,3 +267,19 @@ def test_resume_checkpoint_of_a_joint_update_matches_an_uninterrupted_run(tmp_pa
     assert resumed.resumed_from_epoch == 1
     for name in sorted(p.name for p in (tmp_path / "a").iterdir()):
         assert (tmp_path / "a" / name).read_bytes() == (tmp_path / "b" / name).read_bytes(), name
+
+
+def test_a_failed_attempt_of_an_update_leaves_no_extra_chunk(tmp_path: Path) -> None:
+    from retain import NonFiniteLossError
+
+    updater = JointModelUpdater(
+        MultiLayerPerceptron(64, 10, [32]), optimizer=functools.partial(torch.optim.SGD, lr=1e30),
+        output_state_folder=tmp_path / "s0", log_every_n_steps=1, **OPTIONS,
+    )  # fmt: skip
+    with pytest.raises(NonFiniteLossError, match="step"):
+        updater.update(_chunk(0))
+    assert len(updater.learner.chunks) == 1 and not (tmp_path / "s0").exists()
+    updater.learner.optimizer_factory = functools.partial(torch.optim.SGD, lr=0.05)
+    updater.update(_chunk(0))
+    assert len(updater.learner.chunks) == 1 and updater.learner.updates_done == 1
+    assert len(_updater(tmp_path / "s0", None).learner.chunks) == 1

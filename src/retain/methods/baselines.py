@@ -106,6 +106,9 @@ class JointLearner(Learner):
         val_dataset_collate_fn: Any = None,
         task_id: str | None = None,
     ) -> None:
+        # One chunk per update done: drop the chunk of an earlier attempt of this update that
+        # passed the checks but did not finish (e.g. its loss became NaN).
+        del self.chunks[self.updates_done :], self.chunk_sources[self.updates_done :]
         inputs, targets = materialize(train_dataset, train_dataset_collate_fn)
         inputs, targets = inputs.detach().cpu(), targets.detach().cpu()
         if self.chunks:
