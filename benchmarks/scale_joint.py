@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import functools
 import os
+import resource
 import shutil
 import statistics
 import subprocess
@@ -167,16 +168,16 @@ if sys.argv[2] == "prepare":
     raise SystemExit
 times = []
 for i in range(2):
-    started = time.perf_counter()
+    started, cpu = time.perf_counter(), time.process_time()
     make(work + "/s0", work + f"/s{{i + 1}}").update(TensorDataset(x, y))
-    times.append(time.perf_counter() - started)
-print(times[0], times[1])
+    times += [time.perf_counter() - started, time.process_time() - cpu]
+print(*times)
 """
 
 
 def first_update_table(repeats: int) -> str:
     """First vs second 10-step update in fresh processes (construction + update + save)."""
-    firsts, seconds = [], []
+    firsts, seconds, first_cpu, second_cpu = [], [], [], []
     with tempfile.TemporaryDirectory(prefix="retain-first-") as tmp:
         program = textwrap.dedent(_TWO_UPDATES)
         subprocess.run([sys.executable, "-c", program, tmp, "prepare"], check=True)
@@ -185,17 +186,20 @@ def first_update_table(repeats: int) -> str:
                 shutil.rmtree(Path(tmp) / name, ignore_errors=True)
             out = subprocess.run([sys.executable, "-c", program, tmp, "run"], check=True, capture_output=True,
                                  text=True)  # fmt: skip
-            first, second = map(float, out.stdout.split())
+            first, cpu1, second, cpu2 = map(float, out.stdout.split())
             firsts.append(first)
             seconds.append(second)
+            first_cpu.append(cpu1)
+            second_cpu.append(cpu2)
     f, s = statistics.median(firsts), statistics.median(seconds)
+    fc, sc = statistics.median(first_cpu), statistics.median(second_cpu)
     return "\n".join([
         f"First vs second update in a fresh process (DER++, digits, 10 steps each, construction + update + save; "
-        f"medians of {repeats} processes):",
+        f"medians of {repeats} processes; CPU = the process's CPU time during the update):",
         "",
-        "| first update s | second update s | difference s |",
-        "|---|---|---|",
-        f"| {f:.3f} | {s:.3f} | {f - s:+.3f} |",
+        "| first update s | second update s | difference s | first CPU s | second CPU s |",
+        "|---|---|---|---|---|",
+        f"| {f:.3f} | {s:.3f} | {f - s:+.3f} | {fc:.3f} | {sc:.3f} |",
     ])  # fmt: skip
 
 
@@ -212,15 +216,19 @@ def train_dataset_fn():
 """
 
 
-def _wall(argv: list[str], repeats: int, before: Any = None) -> float:
-    walls = []
+def _wall(argv: list[str], repeats: int, before: Any = None) -> tuple[float, float]:
+    """Medians of the whole-process wall time and CPU time (user + sys) of ``argv``."""
+    walls, cpus = [], []
     for _ in range(repeats):
         if before is not None:
             before()
+        usage = resource.getrusage(resource.RUSAGE_CHILDREN)
         started = time.perf_counter()
         subprocess.run(argv, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         walls.append(time.perf_counter() - started)
-    return statistics.median(walls)
+        after = resource.getrusage(resource.RUSAGE_CHILDREN)
+        cpus.append(after.ru_utime + after.ru_stime - usage.ru_utime - usage.ru_stime)
+    return statistics.median(walls), statistics.median(cpus)
 
 
 def cli_wall_table(repeats: int, mnist_dir: Path | None) -> str:
@@ -232,15 +240,17 @@ def cli_wall_table(repeats: int, mnist_dir: Path | None) -> str:
         subprocess.run([*cli, "update", "--config", str(config), "--output-state", f"{tmp}/s0"], check=True,
                        stdout=subprocess.DEVNULL)  # fmt: skip
         argv = [*cli, "update", "--config", str(config), "--input-state", f"{tmp}/s0", "--output-state", f"{tmp}/s1"]
-        wall = _wall(argv, repeats, before=lambda: shutil.rmtree(f"{tmp}/s1", ignore_errors=True))
-        rows.append(f"| `retain update` (10-step DER++ update, examples/digits_config.py) | {wall:.2f} |")
+        wall, cpu = _wall(argv, repeats, before=lambda: shutil.rmtree(f"{tmp}/s1", ignore_errors=True))
+        rows.append(f"| `retain update` (10-step DER++ update, examples/digits_config.py) | {wall:.2f} | {cpu:.2f} |")
         if mnist_dir is not None:
             argv = [*cli, "benchmark", "--method", "er", "--dataset", "mnist", "--data-dir", str(mnist_dir),
                     "--output", f"{tmp}/bench"]  # fmt: skip
-            wall = _wall(argv, repeats)
-            rows.append(f"| `retain benchmark --method er --dataset mnist` (Split-MNIST, DER protocol) | {wall:.1f} |")
+            wall, cpu = _wall(argv, repeats)
+            name = "`retain benchmark --method er --dataset mnist` (Split-MNIST, DER protocol)"
+            rows.append(f"| {name} | {wall:.1f} | {cpu:.1f} |")
     return "\n".join([
-        f"Whole-process wall time (medians of {repeats} runs):", "", "| command | wall s |", "|---|---|", *rows,
+        f"Whole-process wall and CPU time (user + sys; medians of {repeats} runs):", "",
+        "| command | wall s | CPU s |", "|---|---|---|", *rows,
     ])  # fmt: skip
 
 

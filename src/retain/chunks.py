@@ -139,26 +139,42 @@ class ChunkedDataset(Dataset):
 
     def gather_inputs(self, index: Tensor) -> Tensor:
         """``inputs[index]`` of the concatenation (a new tensor), read from the chunks it touches."""
+        grouped, slot = self.gather_grouped(index)
+        return grouped if slot is None else grouped[slot]
+
+    def gather_grouped(self, index: Tensor, out: Tensor | None = None) -> tuple[Tensor, Tensor | None]:
+        """The rows ``inputs[index]`` grouped by chunk (one ``index_select`` per chunk touched, into
+        ``out`` when it has the right shape), and ``slot``: item ``i`` is row ``slot[i]`` (``None``
+        when the rows are already in the order of ``index``)."""
         if len(self.chunks) == 1:
-            return self.chunks[0][0][index]
+            return self.chunks[0][0][index], None
         which = torch.searchsorted(self.starts, index, right=True) - 1
-        local = index - self.starts[which]
+        order = torch.argsort(which, stable=True)
+        local = (index - self.starts[which])[order]
+        counts = torch.bincount(which, minlength=len(self.chunks)).tolist()
         first = self.chunks[0][0]
-        out = torch.empty((index.shape[0], *first.shape[1:]), dtype=first.dtype)
-        for c in torch.unique(which).tolist():
-            mask = which == c
-            out[mask] = self.chunks[c][0][local[mask]]
-        return out
+        shape = (index.shape[0], *first.shape[1:])
+        if out is None or out.shape != shape or out.dtype != first.dtype:
+            out = torch.empty(shape, dtype=first.dtype)
+        position = 0
+        for c, part in enumerate(local.split(counts)):
+            if counts[c]:
+                torch.index_select(self.chunks[c][0], 0, part, out=out[position : position + counts[c]])
+                position += counts[c]
+        slot = torch.empty_like(order)
+        slot[order] = torch.arange(order.shape[0])
+        return out, slot
 
 
 class ChunkedBatchSource:
     """The batches of one epoch over a ``ChunkedDataset`` (optionally a subset of its items), on
     ``device``: the same batches as ``retain.batching.BatchSource`` over the concatenated tensors
-    with the same generator. Inputs are gathered per batch from the chunks (never concatenated);
-    targets, which are small, are moved to the device once."""
+    with the same generator. Inputs are gathered from the chunks (never concatenated) a window of
+    batches at a time (``WINDOW_BYTES``); targets, which are small, are moved to the device once."""
 
     collate_fn = None
     tensors = None  # not one pair of tensors: checks use ``first_batch``
+    WINDOW_BYTES = 32 * 2**20
 
     def __init__(
         self,
@@ -193,8 +209,32 @@ class ChunkedBatchSource:
         """The first ``batch_size`` items in order, on the device, without drawing from the generator."""
         return self._batch(torch.arange(min(self.batch_size, int(self._targets.shape[0]))))
 
+    def _window(self) -> int:
+        """Items gathered at once: whole batches filling about ``WINDOW_BYTES`` (at least one batch),
+        so that the per-chunk cost of a gather is paid once per window, not once per batch."""
+        first = self.dataset.chunks[0][0]
+        item_bytes = max(1, first[:1].numel() * first.element_size())
+        return max(1, self.WINDOW_BYTES // item_bytes // self.batch_size) * self.batch_size
+
     def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
         n = int(self._targets.shape[0])
         order = torch.randperm(n, generator=self.generator) if self.shuffle else torch.arange(n)
-        for start in range(0, n, self.batch_size):
-            yield self._batch(order[start : start + self.batch_size])
+        window = self._window()
+        buffer: Tensor | None = None  # reused: batches are copies out of it
+        on_cpu = self.device.type == "cpu"
+        if len(self.dataset.chunks) == 1:  # one chunk: each batch is one index into it
+            for start in range(0, n, self.batch_size):
+                yield self._batch(order[start : start + self.batch_size])
+            return
+        for begin in range(0, n, window):
+            positions = order[begin : begin + window]
+            items = positions if self.indices is None else self.indices[positions]
+            grouped, slot = self.dataset.gather_grouped(items, buffer if on_cpu else None)
+            assert slot is not None
+            buffer = grouped
+            if not on_cpu:
+                grouped, slot = grouped.to(self.device, non_blocking=True), slot.to(self.device)
+            targets = self._targets[positions.to(self._targets.device)]
+            for start in range(0, positions.shape[0], self.batch_size):
+                stop = start + self.batch_size
+                yield grouped[slot[start:stop]], targets[start:stop]

@@ -100,7 +100,9 @@ def test_mapped_tensors_outlive_the_state_folder_object(tmp_path: Path) -> None:
     assert torch.equal(x.clone(), _chunk_tensors()["inputs"])
 
 
-def test_chunked_batches_equal_batches_of_the_concatenation() -> None:
+@pytest.mark.parametrize("window_bytes", [32 * 2**20, 8 * 8], ids=["one-window", "windows-of-two-batches"])
+def test_chunked_batches_equal_batches_of_the_concatenation(window_bytes: int, monkeypatch) -> None:
+    monkeypatch.setattr(ChunkedBatchSource, "WINDOW_BYTES", window_bytes)
     chunks = [(torch.arange(n * 2, dtype=torch.float32).reshape(n, 2) + 100 * c, torch.full((n,), c)) for c, n in
               enumerate([3, 1, 7, 4])]  # fmt: skip
     data = ChunkedDataset(chunks)
