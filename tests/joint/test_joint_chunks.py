@@ -283,3 +283,18 @@ def test_a_failed_attempt_of_an_update_leaves_no_extra_chunk(tmp_path: Path) -> 
     updater.update(_chunk(0))
     assert len(updater.learner.chunks) == 1 and updater.learner.updates_done == 1
     assert len(_updater(tmp_path / "s0", None).learner.chunks) == 1
+
+
+def test_verify_mapped_every_time_hashes_even_a_recorded_inode(tmp_path: Path, monkeypatch) -> None:
+    """The in-process record trusts (inode, size, mtime); with VERIFY_MAPPED_EVERY_TIME an edit
+    that also restores the mtime (os.utime) is caught too."""
+    _, s1 = _run(tmp_path, 2)
+    path = s1 / chunk_name(0)
+    old = path.stat().st_mtime_ns - 5_000_000_000
+    os.utime(path, ns=(old, old))
+    _updater(s1, None)  # recorded
+    _flip_an_input_bit(path)
+    os.utime(path, ns=(old, old))
+    monkeypatch.setattr(state_module, "VERIFY_MAPPED_EVERY_TIME", True)
+    with pytest.raises(StateError, match=r"chunk_000000.safetensors: checksum mismatch"):
+        _updater(s1, None)
