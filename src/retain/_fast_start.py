@@ -16,6 +16,9 @@ makes these wrappers call the method directly (setting grad mode as torch does) 
 ``torch._dynamo`` is not in ``sys.modules``, and torch's own wrapper from the first call after it
 was imported (importing this module installs it). Each patch is applied only where the wrapper
 has exactly the shape of torch 2.13's; any other torch version is left as it is.
+
+Measured (benchmarks/scale_joint.py, 2 shared cores): the first 10-step update of a process took
+3.4 s (1.55 s CPU) against 0.17 s for the second; with this module 0.17 s (0.05 s CPU) for both.
 """
 
 from __future__ import annotations
