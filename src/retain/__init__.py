@@ -6,6 +6,7 @@ device-resident reservoir memory, with updaters that read and write safe, atomic
 
 __version__ = "0.1.0"
 
+from retain import _fast_start  # noqa: F401  (installs itself: the first optimizer without torch._dynamo)
 from retain.memory import MemoryBatch, ReservoirMemory
 from retain.methods import *  # noqa: F403
 from retain.methods import __all__ as _methods_all
