@@ -3,7 +3,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 PIP := $(PY) -m pip install -q -c constraints.txt
 
-.PHONY: demo test lint clean
+.PHONY: demo test test-slow lint clean
 
 $(VENV)/.base: pyproject.toml constraints.txt
 	python3 -m venv $(VENV)
@@ -20,12 +20,17 @@ $(VENV)/.test: $(VENV)/.base
 demo: $(VENV)/.base
 	$(VENV)/bin/retain benchmark --output runs/demo
 
+# `make test` leaves out the tests marked slow (real torchrun launches, whole default benchmarks):
+# CI runs them too, with `make test-slow`.
 test: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests benchmarks
-	$(PY) -m pytest -q
+	$(VENV)/bin/ruff check src tests benchmarks tools
+	$(PY) -m pytest -q -m "not slow"
+
+test-slow: $(VENV)/.test
+	$(PY) -m pytest -q -m slow
 
 lint: $(VENV)/.test
-	$(VENV)/bin/ruff check src tests benchmarks
+	$(VENV)/bin/ruff check src tests benchmarks tools
 
 clean:
 	rm -rf $(VENV) runs

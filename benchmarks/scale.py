@@ -210,7 +210,17 @@ def table_pod_features(args: argparse.Namespace) -> list[str]:
     return lines
 
 
+# ------------------------------------------------------------------------------- state I/O
+def table_state_io(args: argparse.Namespace) -> list[str]:
+    """State folder write/read seconds and peak extra RSS beside raw safetensors (benchmarks/scale_state.py)."""
+    sys.path.insert(0, str(Path(__file__).resolve().parent))
+    from scale_state import state_io_rows
+
+    return state_io_rows(list(args.sizes))
+
+
 TABLES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
+    "state-io": table_state_io,
     "der-step": table_der_step,
     "memory-growth": table_memory_growth,
     "pod-features": table_pod_features,

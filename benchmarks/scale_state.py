@@ -82,24 +82,36 @@ def run(op: str, items: int, folder: Path) -> dict:
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
+def state_io_rows(items_list: list[int], where: str | None = None) -> list[str]:
+    """The state I/O table as markdown lines, one row per memory size."""
+    lines = [
+        "State I/O: a DER memory state (float32 3x32x32 inputs, int64 targets, 10 logits) written and read by "
+        "retain beside a raw safetensors save + fsync, each in a fresh process",
+        "",
+        "| memory items | state MB | write s (MB/s) | raw safetensors save + fsync s | write / raw speed "
+        "| write peak extra | read s (MB/s) | read peak extra |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for items in items_list:
+        with tempfile.TemporaryDirectory(dir=where) as tmp:
+            raw = run("raw", items, Path(tmp) / "raw")
+            write = run("write", items, Path(tmp) / "state")
+            read = run("read", items, Path(tmp) / "state")
+        mb = write["bytes"] / 1e6
+        lines.append(
+            f"| {items:,} | {mb:,.0f} | {write['seconds']:.2f} ({mb / write['seconds']:,.0f}) | {raw['seconds']:.2f} "
+            f"| {raw['seconds'] / write['seconds']:.0%} | {write['peak_extra'] / write['bytes']:.2f}x "
+            f"| {read['seconds']:.2f} ({mb / read['seconds']:,.0f}) | {read['peak_extra'] / read['bytes']:.2f}x |"
+        )
+    return lines
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--items", type=int, nargs="+", default=[1000, 10000, 50000, 200000])
     p.add_argument("--dir", default=None, help="where to write (default: a temporary folder)")
     args = p.parse_args()
-    print("| memory items | state MB | write s (MB/s) | raw safetensors save + fsync s | write / raw speed "
-          "| write peak extra | read s (MB/s) | read peak extra |")
-    print("|---|---|---|---|---|---|---|---|")
-    for items in args.items:
-        with tempfile.TemporaryDirectory(dir=args.dir) as tmp:
-            raw = run("raw", items, Path(tmp) / "raw")
-            write = run("write", items, Path(tmp) / "state")
-            read = run("read", items, Path(tmp) / "state")
-        mb = write["bytes"] / 1e6
-        print(f"| {items:,} | {mb:,.0f} | {write['seconds']:.2f} ({mb / write['seconds']:,.0f}) | {raw['seconds']:.2f} "
-              f"| {raw['seconds'] / write['seconds']:.0%} | {write['peak_extra'] / write['bytes']:.2f}x "
-              f"| {read['seconds']:.2f} ({mb / read['seconds']:,.0f}) | {read['peak_extra'] / read['bytes']:.2f}x |",
-              flush=True)  # fmt: skip
+    print("\n".join(state_io_rows(args.items, args.dir)))
 
 
 if __name__ == "__main__":

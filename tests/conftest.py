@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import torch
 from torch import Tensor
-from torch.utils.data import TensorDataset
+from torch.utils.data import Dataset, TensorDataset
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 DIGITS_TASK_CLASSES = [(0, 1), (2, 3), (4, 5), (6, 7), (8, 9)]
@@ -31,15 +31,35 @@ def _one_cpu_thread() -> Iterator[None]:
 def shared_data_dir() -> Path:
     """The folder holding the real ``mnist/`` and ``fashion-mnist/`` files, or skip the test.
 
-    Looked up in ``$RETAIN_TEST_DATA_DIR``, then ``/work/shared/data``, then ``../shared/data``
-    relative to the repository root.
+    Looked up in ``$RETAIN_TEST_DATA_DIR``, then ``../shared/data`` relative to the repository root.
+    The one definition for every test folder.
     """
     env = os.environ.get("RETAIN_TEST_DATA_DIR")
-    candidates = [Path(env)] if env else [Path("/work/shared/data"), REPO_ROOT.parent / "shared" / "data"]
+    candidates = [Path(env)] if env else [REPO_ROOT.parent / "shared" / "data"]
     for path in candidates:
         if (path / "mnist").is_dir() and (path / "fashion-mnist").is_dir():
             return path
     pytest.skip("shared data not found: set RETAIN_TEST_DATA_DIR to the folder with mnist/ and fashion-mnist/")
+
+
+class MapDataset(Dataset):
+    """A map-style dataset of ``(inputs[i], targets[i])`` that is not tensor-backed, so updaters and
+    readers take their DataLoader path instead of the TensorDataset fast path."""
+
+    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
+        self.inputs, self.targets = inputs, targets
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.inputs[i], self.targets[i]
+
+
+@pytest.fixture(scope="session")
+def map_dataset() -> type[MapDataset]:
+    """The ``MapDataset`` class (one definition shared by every test folder)."""
+    return MapDataset
 
 
 def make_digits_tasks(seed: int = 0) -> list[tuple[TensorDataset, tuple[Tensor, Tensor]]]:

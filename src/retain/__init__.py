@@ -4,8 +4,6 @@ Experience replay (ER, DER/DER++, POD-ER, CLS-ER, Super-ER) and Repeated Distill
 device-resident reservoir memory, with updaters that read and write safe, atomic state folders.
 """
 
-__version__ = "0.1.0"
-
 from retain import _fast_start  # noqa: F401  (installs itself: the first optimizer without torch._dynamo)
 from retain.memory import MemoryBatch, ReservoirMemory
 from retain.methods import *  # noqa: F403
@@ -20,6 +18,7 @@ from retain.models import (
 from retain.options import TrainingOptions
 from retain.state import StateError, StateLockedError
 from retain.updaters import ModelUpdater, NonFiniteLossError, SingleTrainingLoopUpdater, load_model
+from retain.version import __version__ as __version__
 
 __all__ = [
     "ContinualModel",

@@ -33,7 +33,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, IterableDataset, Subset, TensorDataset, default_collate
 
-from retain import nested
+import retain.nested as nested
 from retain.nested import NestedTensors
 
 LABEL_KEYS = ("labels", "label")

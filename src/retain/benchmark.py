@@ -269,9 +269,9 @@ def versions() -> dict[str, str]:
 
     import numpy
 
-    import retain
+    from retain.version import __version__
 
-    return {"retain": retain.__version__, "torch": torch.__version__, "numpy": numpy.__version__,
+    return {"retain": __version__, "torch": torch.__version__, "numpy": numpy.__version__,
             "python": platform.python_version()}
 
 

@@ -21,6 +21,7 @@ Not restored: a ``16-mixed`` GradScaler's scale (it restarts), and state held by
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -33,21 +34,39 @@ import shutil
 import warnings
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, Protocol
 
 import numpy as np
 import torch
 from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, default_collate
 
-import retain
-from retain import nested
+import retain.nested as nested
 from retain.batching import dataset_labels, dataset_tensors, is_iterable, split_batch, unwrap_loader
 from retain.state import StateError, StateFolder, remove_stale_temporaries, write_state
+from retain.version import __version__
 
 if TYPE_CHECKING:
-    from retain.updaters.base import ModelUpdater
     from retain.updaters.loop import FitResult
+
+
+class ModelUpdater(Protocol):
+    """What the checkpointer needs of an updater (``retain.updaters.base.ModelUpdater`` has it);
+    a protocol, so that this module, which the updater imports, does not import the updater."""
+
+    options: Any
+    learner: Any
+    device: torch.device
+    output_state_folder: Path | None
+
+    @property
+    def method_name(self) -> str: ...
+
+    def method_options(self) -> dict[str, Any]: ...
+
+    def state_payload(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Tensor]]]: ...
+
+    def load_resume_state(self, state: StateFolder) -> None: ...
 
 logger = logging.getLogger("retain")
 
@@ -73,6 +92,28 @@ def without_addresses(text: str) -> str:
 def stable_repr(value: Any) -> str:
     """``repr`` without memory addresses."""
     return without_addresses(repr(value))
+
+
+def callable_digest(value: Any) -> str:
+    """What identifies a callable input of an update beyond its repr, which hides most settings: a
+    module's public scalar attributes (a loss's ``reduction``, ``label_smoothing``) and tensors (class
+    weights), a ``functools.partial``'s function, and a function's code, constants and defaults (an
+    ``optimizer_fn`` whose learning rate was edited). Closure variables are not seen."""
+    parts = [stable_repr(value)]
+    if isinstance(value, functools.partial):
+        parts.append(callable_digest(value.func))
+    if isinstance(value, torch.nn.Module):
+        scalars = sorted(
+            (k, v) for k, v in vars(value).items()
+            if not k.startswith("_") and (v is None or isinstance(v, bool | int | float | str))
+        )  # fmt: skip
+        parts.append(stable_repr(scalars))
+        parts.append(tensors_digest(dict(value.state_dict())))
+    code = getattr(value, "__code__", None)
+    if code is not None:
+        parts.append(hashlib.sha256(code.co_code).hexdigest())
+        parts.append(stable_repr((code.co_consts, code.co_names, getattr(value, "__defaults__", None))))
+    return hashlib.sha256("\n".join(parts).encode()).hexdigest()
 
 
 def resume_folder(output_state_folder: str | Path) -> Path:
@@ -255,13 +296,16 @@ def update_fingerprint(
     Callables (transforms, optimizer factory, loss) are compared by their address-free repr."""
     options = {k: v for k, v in updater.options.describe().items() if k not in _NEUTRAL_OPTIONS}
     parts = {
-        "retain_version": retain.__version__,
+        "retain_version": __version__,
         "method": updater.method_name,
         "state": state_sha,
         "options": {k: without_addresses(v) if isinstance(v, str) else v for k, v in options.items()},
         "method_options": updater.method_options(),
-        "optimizer": stable_repr(updater.learner.optimizer_factory),
-        "loss_fn": stable_repr(updater.learner.loss_fn),
+        "optimizer": callable_digest(updater.learner.optimizer_factory),
+        "loss_fn": callable_digest(updater.learner.loss_fn),
+        "callable_options": {
+            k: callable_digest(v) for k, v in vars(updater.options).items() if callable(v) and k not in _NEUTRAL_OPTIONS
+        },
         "train": data_digest(train_dataset, train_collate_fn),
         "val": data_digest(val_dataset, val_collate_fn),
         "task_id": task_id,

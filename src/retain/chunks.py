@@ -37,9 +37,9 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
-from retain import nested
+import retain.nested as nested
 from retain.nested import NestedTensors
-from retain.state import LinkedFile, StateError, _open_regular, file_identity, read_safetensors_header
+from retain.state import LinkedFile, StateError, file_identity, open_regular, read_safetensors_header
 
 TARGETS = "targets"
 TENSOR = "tensor"  # the structure of a bare input tensor (``nested.structure`` of a Tensor)
@@ -76,7 +76,7 @@ def map_chunk(source: LinkedFile, structure: Any = TENSOR) -> tuple[NestedTensor
     header is malformed or does not hold exactly the tensors of ``structure`` and ``targets``.
     """
     path = source.path
-    f, size = _open_regular(path)
+    f, size = open_regular(path)
     with f:
         if file_identity(os.fstat(f.fileno())) != source.identity:
             raise StateError(f"{path}: the file changed after its checksum was verified")

@@ -28,7 +28,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from retain import nested
+import retain.nested as nested
 from retain.nested import NestedTensors
 
 MEMORY_DEVICES = ("same", "cpu", "pinned")

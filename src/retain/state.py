@@ -335,6 +335,9 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int]:
     return os.fdopen(fd, "rb"), info.st_size
 
 
+open_regular = _open_regular  # the same no-symlink open, for the chunk reader (retain.chunks)
+
+
 def _check_digest(path: Path, entry: dict[str, Any], digest: str, nbytes: int) -> None:
     if nbytes != entry["bytes"] or digest != entry["sha256"]:
         raise StateError(

@@ -98,7 +98,7 @@ def option_routes(method: str) -> dict[str, str]:
     """Every option name a search may set for ``method``, and where it goes: 'config' (a
     BenchmarkConfig field), 'method' (method_options) or 'training' (training_options)."""
     from retain.benchmark import METHODS
-    from retain.cli import TRAINING_FLAGS
+    from retain.benchmark_flags import TRAINING_FLAGS
 
     routes = {name: "config" for name in CONFIG_OPTIONS}
     for name in METHODS[method].method_options():
@@ -333,11 +333,10 @@ def tune(
     base_file.write_text(json.dumps(base, indent=2) + "\n")
     config_space = {**syne_tune_space(space), BASE_KEY: str(base_file)}
     names = [n for n, spec in space.items() if isinstance(spec, dict)]
-    from retain import tune_worker
-
+    worker = Path(__file__).resolve().with_name("tune_worker.py")  # run as a script by Syne Tune
     with _environment(SYNETUNE_FOLDER=str(output / "syne-tune")):
         backend = LocalBackend(
-            entry_point=str(Path(tune_worker.__file__).resolve()),
+            entry_point=str(worker),
             pass_args_as_json=True,
             rotate_gpus=torch.cuda.device_count() > 1,
         )
@@ -430,7 +429,7 @@ def trials_markdown(result: TuneResult) -> str:
 
 def benchmark_command(config: Any) -> str:
     """A ``retain benchmark`` command line that runs ``config`` (scored on test data)."""
-    from retain.cli import flag as _flag
+    from retain.benchmark_flags import flag as _flag
 
     parts = ["retain", "benchmark", "--method", config.method, "--dataset", config.dataset,
              "--scenario", config.scenario]  # fmt: skip
@@ -481,7 +480,7 @@ def add_tune_arguments(parser: argparse.ArgumentParser) -> None:
 
 def tune_command(argv: Sequence[str]) -> int:
     """``retain tune``: parses the benchmark flags plus the search flags, runs the search, prints the table."""
-    from retain.cli import CLIError, benchmark_config, parse_benchmark_args
+    from retain.benchmark_flags import CLIError, benchmark_config, parse_benchmark_args
 
     if not any(a in ("-h", "--help") for a in argv):
         try:

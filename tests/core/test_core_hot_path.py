@@ -6,26 +6,12 @@ import functools
 
 import pytest
 import torch
-from torch import Tensor
 from torch.utils.data import DataLoader, Dataset, Subset
 
 from retain import ExperienceReplayModelUpdater, MultiLayerPerceptron
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 MAX_EPOCHS = 3
-
-
-class MapDataset(Dataset):
-    """A map-style dataset that is not tensor-backed: it takes the DataLoader path."""
-
-    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
-        self.inputs, self.targets = inputs, targets
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
-        return self.inputs[i], self.targets[i]
 
 
 @pytest.fixture
@@ -72,9 +58,9 @@ def test_tensor_datasets_use_no_dataloader(digits_tasks, dataloader_count, devic
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_other_datasets_use_one_dataloader_per_update(digits_tasks, dataloader_count, device: str) -> None:
+def test_other_datasets_use_one_dataloader_per_update(digits_tasks, dataloader_count, map_dataset, device: str) -> None:
     train = digits_tasks[0][0]
-    updater = _er_update(MapDataset(*train.tensors), device)
+    updater = _er_update(map_dataset(*train.tensors), device)
     assert dataloader_count["n"] == 1  # built once, iterated once per epoch (persistent workers survive epochs)
     memory = updater.learner.memory
     assert memory.inputs is not None and memory.inputs.device == next(updater.model.parameters()).device

@@ -111,6 +111,7 @@ updater.update(TensorDataset(tensors["x" + task], tensors["y" + task]))
 """
 
 
+@pytest.mark.slow
 def test_updates_in_separate_processes_give_the_same_weights(digits_tasks, tmp_path: Path) -> None:
     cls, method_kwargs = METHODS["DER++"]
     (train0, _), (train1, _) = digits_tasks[0], digits_tasks[1]

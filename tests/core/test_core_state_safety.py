@@ -183,8 +183,8 @@ def test_second_writer_is_locked_out(tmp_path: Path, train_sets) -> None:
     with lock_output_folder(out):
         with pytest.raises(StateLockedError, match="another update"), lock_output_folder(out):
             pass
-        with pytest.raises(StateLockedError, match="another update is writing"):
-            _updater(FineTuningModelUpdater, output_state_folder=out)  # refused when built
+        with pytest.raises(StateLockedError, match="another update is writing the state folder"):
+            _updater(FineTuningModelUpdater, output_state_folder=out)  # refused when built, before reading
         assert not out.exists()
     with lock_output_folder(out):  # released: a new writer gets it
         pass

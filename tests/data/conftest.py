@@ -1,10 +1,9 @@
-"""Fixtures for the data tests: the shared real-data folder, an isolated cache, fake CIFAR tarballs."""
+"""Fixtures for the data tests: an isolated cache, fake CIFAR tarballs (``shared_data_dir`` is in tests/conftest.py)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
-import os
 import struct
 import tarfile
 from collections.abc import Callable, Iterator
@@ -27,17 +26,6 @@ def _isolated_retain_env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[N
         mp.setenv(datasets.CACHE_DIR_ENV, str(tmp_path_factory.mktemp("retain-cache")))
         mp.delenv(datasets.DATA_DIR_ENV, raising=False)
         yield
-
-
-@pytest.fixture(scope="session")
-def shared_data_dir() -> Path:
-    """The folder with the real MNIST / Fashion-MNIST files, or skip the test."""
-    env = os.environ.get("RETAIN_TEST_DATA_DIR")
-    candidates = [Path(env)] if env else [Path("/work/shared/data"), REPO_ROOT.parent / "shared" / "data"]
-    for path in candidates:
-        if (path / "mnist").is_dir() and (path / "fashion-mnist").is_dir():
-            return path
-    pytest.skip("shared data not found: set RETAIN_TEST_DATA_DIR")
 
 
 # ---------------------------------------------------------------------------------------------------

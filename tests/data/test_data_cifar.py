@@ -136,6 +136,6 @@ def test_malicious_pickle_is_refused_without_running(tmp_path: Path, fake_cifar,
     assert "data_batch_3" in str(info.value)
     assert not marker.exists()
     # the restricted unpickler itself refuses, the standard one would have run it
-    with pytest.raises(pickle.UnpicklingError):
+    with pytest.raises(pickle.UnpicklingError, match="refusing to load global"):
         safe_unpickle(evil)
     assert not marker.exists()

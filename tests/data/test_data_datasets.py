@@ -76,7 +76,7 @@ def test_default_data_dir(monkeypatch, tmp_path: Path) -> None:
 
 
 def test_unknown_dataset_names_the_choices() -> None:
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="imagenet") as info:
         load_dataset("imagenet")
     for name in DATASET_NAMES:
         assert name in str(info.value)

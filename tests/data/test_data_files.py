@@ -43,15 +43,20 @@ def test_verify_accepts_good_file_and_remembers_it(tmp_path: Path, monkeypatch) 
     path = tmp_path / "blob.bin"
     path.write_bytes(blob)
     spec = _spec_for(blob)
+    hashed: list[Path] = []
+    real_hash = datasets._hash_file
+
+    def counting_hash(file: Path, algorithm: str) -> str:
+        hashed.append(Path(file))
+        return real_hash(file, algorithm)
+
+    monkeypatch.setattr(datasets, "_hash_file", counting_hash)
     verify_file(path, spec)
-
-    def no_hashing(*args, **kwargs):
-        raise AssertionError("hashed again")
-
-    monkeypatch.setattr(datasets, "_hash_file", no_hashing)
+    assert hashed == [path]  # the first check reads the file
     verify_file(path, spec)  # in-process memo
     monkeypatch.setattr(datasets, "_VERIFIED", set())
     verify_file(path, spec)  # on-disk record, as a new process would see it
+    assert hashed == [path], "a verified, unchanged file was hashed again"
 
 
 def test_changed_file_is_hashed_again(tmp_path: Path) -> None:
@@ -61,7 +66,7 @@ def test_changed_file_is_hashed_again(tmp_path: Path) -> None:
     spec = _spec_for(blob, algorithm="md5")
     verify_file(path, spec)
     _flip_byte(path, 7)  # same size, new mtime: the record no longer applies
-    with pytest.raises(DatasetFileError) as info:
+    with pytest.raises(DatasetFileError, match="found md5:") as info:
         verify_file(path, spec)
     message = str(info.value)
     assert str(path) in message and spec.digest in message and "found md5:" in message
@@ -83,17 +88,19 @@ def test_corrupt_real_file_names_file_and_checksum(tmp_path: Path, shared_data_d
     target = folder / "t10k-labels-idx1-ubyte.gz"
     _flip_byte(target, 1000)
     expected = datasets.FILE_SPECS["mnist"][target.name].digest
-    with pytest.raises(DatasetFileError) as info:
+    before = sorted((str(p.relative_to(tmp_path)), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    with pytest.raises(DatasetFileError, match="found sha256:") as info:
         load_dataset("mnist", tmp_path, download=False)
     message = str(info.value)
     assert isinstance(info.value, RuntimeError)
     assert str(target) in message and expected in message and "found sha256:" in message
     assert "ossci-datasets.s3.amazonaws.com/mnist/t10k-labels-idx1-ubyte.gz" in message
-    assert not (tmp_path / ".retain-cache").exists()  # nothing written into the data dir
+    after = sorted((str(p.relative_to(tmp_path)), p.stat().st_mtime_ns) for p in tmp_path.rglob("*"))
+    assert after == before  # nothing written into (or renamed inside) the data dir
 
 
 def test_missing_file_without_download_gives_url_hint(tmp_path: Path) -> None:
-    with pytest.raises(DatasetFileError) as info:
+    with pytest.raises(DatasetFileError, match=r"train-images-idx3-ubyte\.gz") as info:
         load_dataset("mnist", tmp_path, download=False)
     message = str(info.value)
     assert str(tmp_path / "mnist" / "train-images-idx3-ubyte.gz") in message
@@ -166,7 +173,7 @@ def test_corrupt_download_is_rejected_and_not_kept(tmp_path: Path, served: bytes
     if served == b"x" * 100:
         served = b"x" * 99 + b"z"  # right size, wrong checksum
     dest = tmp_path / "f"
-    with pytest.raises(DatasetFileError) as info:
+    with pytest.raises(DatasetFileError, match=r"https://a\.invalid/f") as info:
         download_file(spec, dest, opener=lambda url, timeout: _FakeResponse(served), progress=False)
     message = str(info.value)
     assert "https://a.invalid/f" in message and "https://b.invalid/f" in message
@@ -179,7 +186,7 @@ def test_network_failure_names_urls(tmp_path: Path, monkeypatch) -> None:
         raise urllib.error.URLError("no route to host")
 
     monkeypatch.setattr(datasets, "urlopen", offline)
-    with pytest.raises(DatasetFileError) as info:
+    with pytest.raises(DatasetFileError, match="no route to host") as info:
         load_dataset("fashion-mnist", tmp_path, download=True)
     message = str(info.value)
     assert "fashion-mnist.s3-website.eu-central-1.amazonaws.com/train-images-idx3-ubyte.gz" in message

@@ -60,8 +60,13 @@ def test_class_incremental_task_sizes_and_errors(digits: TensorSplits) -> None:
         class_incremental(digits, num_tasks=3)
     with pytest.raises(ValueError, match="tasks of 4 classes"):
         class_incremental(digits, classes_per_task=4)
-    for bad in ({"num_tasks": 0}, {"classes_per_task": -2}, {"val_fraction": 1.0}, {"val_fraction": -0.1}):
-        with pytest.raises(ValueError):
+    for bad, message in (
+        ({"num_tasks": 0}, "num_tasks must be a positive integer, got 0"),
+        ({"classes_per_task": -2}, "classes_per_task must be a positive integer, got -2"),
+        ({"val_fraction": 1.0}, r"val_fraction must be in \[0, 1\), got 1.0"),
+        ({"val_fraction": -0.1}, r"val_fraction must be in \[0, 1\), got -0.1"),
+    ):
+        with pytest.raises(ValueError, match=message):
             class_incremental(digits, **bad)
 
 
@@ -124,7 +129,7 @@ def test_permuted_with_validation(digits: TensorSplits) -> None:
         assert len(task.train) + len(task.val) == len(digits.train_targets)
         assert abs(len(task.val) - 0.1 * len(digits.train_targets)) <= 10
         assert len(task.test) == len(digits.test_targets)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="num_tasks must be a positive integer, got 0"):
         permuted(digits, num_tasks=0)
 
 
@@ -172,7 +177,7 @@ def test_make_scenario(digits: TensorSplits) -> None:
     assert not any(t.task_incremental for t in ci) and all(t.task_incremental for t in ti)
     assert len(make_scenario("permuted", digits, num_tasks=2)) == 2
     assert len(make_scenario("rotated", digits, num_tasks=2, seed=3)) == 2
-    with pytest.raises(ValueError) as info:
+    with pytest.raises(ValueError, match="blurry") as info:
         make_scenario("blurry", digits)
     for name in SCENARIO_NAMES:
         assert name in str(info.value)
@@ -186,7 +191,7 @@ def test_task_incremental_logits() -> None:
     assert torch.isinf(masked[:, [0, 1, 4, 5]]).all() and (masked[:, [0, 1, 4, 5]] < 0).all()
     assert masked.argmax(dim=1).tolist() == [3, 3]
     assert torch.equal(task_incremental_logits(logits, torch.tensor([5])).argmax(1), torch.tensor([5, 5]))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"classes must be a non-empty subset of 0..5, got \[6\]"):
         task_incremental_logits(logits, [6])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"classes must be a non-empty subset of 0..5, got \[\]"):
         task_incremental_logits(logits, [])

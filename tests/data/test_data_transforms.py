@@ -48,7 +48,7 @@ def test_normalize_per_channel() -> None:
         Normalize(mean, std)(torch.zeros(1, 3, 2, 2, dtype=torch.uint8))
     with pytest.raises(ValueError, match="channels"):
         Normalize(mean, std)(torch.zeros(1, 1, 2, 2))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"std must be positive, got \(0.0,\)"):
         Normalize((0.5,), (0.0,))
 
 
@@ -104,7 +104,7 @@ def test_flip_flips_exactly_the_drawn_samples() -> None:
     assert 0 < int(chosen.sum()) < B
     assert torch.equal(RandomHorizontalFlip(p=0.0)(x), x)
     assert torch.equal(RandomHorizontalFlip(p=1.0)(x), x.flip(-1))
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"p must be in \[0, 1\], got 1.5"):
         RandomHorizontalFlip(p=1.5)
 
 

@@ -183,7 +183,7 @@ def test_method_options_reach_the_components() -> None:
 @pytest.mark.parametrize("updater_class", UPDATERS, ids=lambda c: c.__name__)
 @pytest.mark.parametrize("typo", ["alpah", "batch_sise"])
 def test_unknown_keyword_raises_type_error_naming_the_options(updater_class: type, typo: str) -> None:
-    with pytest.raises(TypeError) as info:
+    with pytest.raises(TypeError, match=rf"got unknown option\(s\) {typo}") as info:
         updater_class(model(), optimizer=SGD, memory_size=10, accelerator="cpu", **{typo: 1})
     message = str(info.value)
     assert typo in message and updater_class.__name__ in message

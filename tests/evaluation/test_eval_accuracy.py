@@ -105,9 +105,9 @@ def test_mode_restored_when_forward_raises():
 def test_returns_python_float_and_validates_input():
     model = TinyNet()
     assert isinstance(accuracy(model, X, Y), float)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="cannot compute accuracy on an empty input"):
         accuracy(model, X[:0], Y[:0])
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"inputs \(\d+\) and targets \(3\) differ in length"):
         accuracy(model, X, Y[:3])
 
 

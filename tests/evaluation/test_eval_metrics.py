@@ -108,16 +108,21 @@ def test_unevaluated_upper_triangle_is_allowed():
 
 
 @pytest.mark.parametrize(
-    "bad",
-    [[[90.0, 0.0], [80.0, 70.0]], [[0.5, 0.5]], [], [[-0.1]]],
+    ("bad", "message"),
+    [
+        ([[90.0, 0.0], [80.0, 70.0]], r"fractions in \[0, 1\] \(got range \[0, 90\]; percentages\?\)"),
+        ([[0.5, 0.5]], r"must be square \(T, T\) with T >= 1, got shape \(1, 2\)"),
+        ([], r"must be square \(T, T\) with T >= 1, got shape \(0,\)"),
+        ([[-0.1]], r"fractions in \[0, 1\] \(got range \[-0.1, -0.1\]"),
+    ],
 )
-def test_invalid_matrices_raise(bad):
-    with pytest.raises(ValueError):
+def test_invalid_matrices_raise(bad, message):
+    with pytest.raises(ValueError, match=message):
         average_accuracy(bad)
 
 
 def test_forward_transfer_checks_b_length():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"b must have one entry per task \(3\), got 2"):
         forward_transfer(R3, [0.1, 0.2])
 
 
@@ -154,7 +159,7 @@ def test_aggregate_single_run_has_zero_std():
 
 
 def test_aggregate_runs_errors():
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="aggregate_runs needs at least one run"):
         aggregate_runs([])
     with pytest.raises(ValueError, match="accuracy_matrix"):
         aggregate_runs([{"accuracy_matrix": [[0.5]]}, {"accuracy_matrix": [[0.5, 0.1], [0.2, 0.3]]}])

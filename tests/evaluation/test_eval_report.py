@@ -53,7 +53,7 @@ def test_build_result_fields():
     assert r["train_seconds"] == [1.0, 2.0, 3.0]
     assert r["seed"] == 0
     assert not is_multi_seed(r)
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match=r"train_seconds must have one entry per update \(3\), got 1"):
         build_result(R3, config=CONFIG, train_seconds=[1.0])
 
 
@@ -158,7 +158,7 @@ def test_format_table_multi_seed_and_missing_fwt():
 
 
 def test_report_rejects_result_without_matrix(tmp_path):
-    with pytest.raises(ValueError):
+    with pytest.raises(ValueError, match="result has no accuracy_matrix"):
         write_report(tmp_path, {"config": {}})
     assert list(tmp_path.iterdir()) == []
 

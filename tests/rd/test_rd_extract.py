@@ -4,8 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from torch import Tensor
-from torch.utils.data import Dataset, Subset, TensorDataset
+from torch.utils.data import Subset, TensorDataset
 
 from retain.memory import ReservoirMemory
 from retain.methods.repeated_distill import extract_logits
@@ -20,19 +19,6 @@ def _model() -> MultiLayerPerceptron:
 def _data(n: int = 23) -> TensorDataset:
     g = torch.Generator().manual_seed(1)
     return TensorDataset(torch.randn(n, 6, generator=g), torch.randint(0, 4, (n,), generator=g))
-
-
-class _PairList(Dataset):
-    """A map-style dataset that is not tensor-backed."""
-
-    def __init__(self, inputs: Tensor, targets: Tensor) -> None:
-        self.items = [(inputs[i], int(targets[i])) for i in range(len(inputs))]
-
-    def __len__(self) -> int:
-        return len(self.items)
-
-    def __getitem__(self, i: int) -> tuple[Tensor, int]:
-        return self.items[i]
 
 
 def test_rd_extract_logits_keeps_order_shape_and_has_no_gradients() -> None:
@@ -58,12 +44,12 @@ def test_rd_extract_logits_runs_in_eval_mode_and_restores_the_mode(start_trainin
     assert all(m.training is start_training for m in model.modules())
 
 
-def test_rd_extract_logits_reads_map_style_datasets_and_subsets_in_order() -> None:
+def test_rd_extract_logits_reads_map_style_datasets_and_subsets_in_order(map_dataset: type) -> None:
     model, data = _model(), _data()
     inputs, targets = data.tensors
     with torch.no_grad():
         expected = model(inputs)
-    torch.testing.assert_close(extract_logits(model, _PairList(inputs, targets), batch_size=4), expected)
+    torch.testing.assert_close(extract_logits(model, map_dataset(inputs, targets), batch_size=4), expected)
     order = [7, 2, 19, 0, 11]
     torch.testing.assert_close(extract_logits(model, Subset(data, order), batch_size=2), expected[order])
 

@@ -50,41 +50,38 @@ def _set_nan(x: torch.Tensor, y: torch.Tensor, value: float) -> tuple[torch.Tens
     return x, y
 
 
-class _ListDataset(Dataset):
+def _nan_in_third_batch(D: type) -> Dataset:
     """A non-tensor dataset (items come through a DataLoader), whose third batch holds a NaN."""
-
-    def __init__(self) -> None:
-        self.x, self.y = synthetic_data(11, ITEMS).tensors
-        self.x = self.x.clone()
-        self.x[40] = float("nan")
-
-    def __len__(self) -> int:
-        return ITEMS
-
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor]:
-        return self.x[i], self.y[i]
+    x, y = synthetic_data(11, ITEMS).tensors
+    x = x.clone()
+    x[40] = float("nan")
+    return D(x, y)
 
 
-DATA_CASES: dict[str, tuple[Callable[[], Dataset], Any, str]] = {
-    "empty dataset": (lambda: TensorDataset(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long)), ValueError, "empty"),
+DATA_CASES: dict[str, tuple[Callable[[type], Dataset], Any, str]] = {
+    "empty dataset": (
+        lambda D: TensorDataset(torch.zeros(0, 16), torch.zeros(0, dtype=torch.long)), ValueError, "empty"
+    ),
     "label above the classes": (
-        lambda: _data(lambda x, y: (x, y.fill_(4))),
+        lambda D: _data(lambda x, y: (x, y.fill_(4))),
         ValueError,
         r"labels must lie in \[0, 3\]",
     ),
-    "negative label": (lambda: _data(lambda x, y: (x, torch.where(y == 0, -1, y))), ValueError, r"labels must lie"),
-    "float labels": (lambda: _data(lambda x, y: (x, y.float())), ValueError, "1-D integer tensor"),
-    "2-D labels": (lambda: _data(lambda x, y: (x, y[:, None])), ValueError, "1-D integer tensor"),
-    "wrong input shape": (lambda: _data(lambda x, y: (x[:, :15], y)), ValueError, r"shape \(15,\).*do not fit"),
-    "wrong input dtype": (lambda: _data(lambda x, y: (x.double(), y)), ValueError, "torch.float64 do not fit"),
+    "negative label": (lambda D: _data(lambda x, y: (x, torch.where(y == 0, -1, y))), ValueError, r"labels must lie"),
+    "float labels": (lambda D: _data(lambda x, y: (x, y.float())), ValueError, "1-D integer tensor"),
+    "2-D labels": (lambda D: _data(lambda x, y: (x, y[:, None])), ValueError, "1-D integer tensor"),
+    "wrong input shape": (lambda D: _data(lambda x, y: (x[:, :15], y)), ValueError, r"shape \(15,\).*do not fit"),
+    "wrong input dtype": (lambda D: _data(lambda x, y: (x.double(), y)), ValueError, "torch.float64 do not fit"),
     # the train transform makes int64 inputs fit the model, but not the float32 rows of the memory:
     # refused before the first step
-    "integer inputs": (lambda: _data(lambda x, y: (x.long(), y)), ValueError,
+    "integer inputs": (lambda D: _data(lambda x, y: (x.long(), y)), ValueError,
                        r"torch\.int64 cannot join the memory, which holds .* torch\.float32"),
-    "NaN input": (lambda: _data(lambda x, y: _set_nan(x, y, float("nan"))), ValueError, "NaN or Inf"),
-    "Inf input": (lambda: _data(lambda x, y: _set_nan(x, y, float("inf"))), ValueError, "NaN or Inf"),
+    "NaN input": (lambda D: _data(lambda x, y: _set_nan(x, y, float("nan"))), ValueError, "NaN or Inf"),
+    "Inf input": (lambda D: _data(lambda x, y: _set_nan(x, y, float("inf"))), ValueError, "NaN or Inf"),
     # only the first batch of a non-tensor dataset is checked up front; a NaN further on stops training
-    "NaN in a non-tensor dataset": (_ListDataset, (ValueError, NonFiniteLossError), "NaN or Inf|non-finite at step"),
+    "NaN in a non-tensor dataset": (
+        _nan_in_third_batch, (ValueError, NonFiniteLossError), "NaN or Inf|non-finite at step"
+    ),
 }
 
 
@@ -142,14 +139,14 @@ def _assert_nothing_changed(inp: Path, inp_before: dict[str, str], out: Path, ou
 @pytest.mark.parametrize("existing_output", [False, True], ids=["no-output", "existing-output"])
 @pytest.mark.parametrize("case", list(DATA_CASES))
 def test_bad_data_fails_clearly_and_changes_nothing(
-    case: str, existing_output: bool, states: dict[str, Path], tmp_path: Path
+    case: str, existing_output: bool, states: dict[str, Path], tmp_path: Path, map_dataset: type
 ) -> None:
     make_data, error, message = DATA_CASES[case]
     inp, out = _prepare(tmp_path, states, "der", existing_output)
     inp_before, out_before = snapshot(inp), snapshot(out)
     updater = build_updater({"method": "der", "items": ITEMS, "epochs": 2, "input": str(inp), "output": str(out)})
     with pytest.raises(error, match=message):
-        updater.update(make_data(), task_id="t1")
+        updater.update(make_data(map_dataset), task_id="t1")
     _assert_nothing_changed(inp, inp_before, out, out_before)
 
 

@@ -19,6 +19,7 @@ import json
 import os
 import pickle
 import random
+import re
 import shutil
 import struct
 from collections.abc import Callable
@@ -283,7 +284,7 @@ def test_corrupt_or_hostile_state_is_refused(
     expected_names = {name, "notes.json", "extra"} if name == "(folder)" else {name}
     if kind in ("updates-mismatch", "task-ids-mismatch"):
         expected_names.add("manifest")
-    with pytest.raises(StateError) as err:
+    with pytest.raises(StateError, match=re.escape(str(folder))) as err:
         build_updater({**JOB, "input": str(folder)})
     message = str(err.value)
     assert any(n in message for n in expected_names), f"the error does not name {expected_names}: {message}"
@@ -308,6 +309,7 @@ def test_pristine_state_loads(pristine: Path) -> None:
 def test_report_how_many_corruptions_were_tried(capsys: Any) -> None:
     if len(_tried) != len(CASES):
         pytest.skip("the count is reported when the whole file runs")
+    assert len(set(_tried)) == len(CASES), "a corruption case was counted twice"
     with capsys.disabled():
         files = sorted({c.split(":")[0] for c in _tried})
         print(

@@ -82,6 +82,7 @@ def _assert_complete_state(folder: Path, allowed: list[dict[str, str]]) -> None:
     assert files in allowed, f"{folder} holds a state that is neither the old nor the new one"
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_moments_loses_nothing(server: ForkServer, tmp_path: Path, capsys: Any) -> None:
     rng = random.Random(SEED)
     started = time.monotonic()

@@ -6,7 +6,7 @@ consecutive updates (the second continuing from the first's folder) of Super-ER 
 component, generator and memory column) and of joint training. The manifest holds no
 timestamps, and the options' callables are recorded without memory addresses.
 
-What is and is not deterministic on a GPU is documented in ``retain.updaters.base._deterministic``:
+What is and is not deterministic on a GPU is documented in ``retain.updaters.base.deterministic``:
 ``deterministic_trainer=True`` turns on ``torch.use_deterministic_algorithms`` for the update,
 which the last tests check (the GPU one runs only where CUDA is available).
 """
@@ -52,6 +52,7 @@ def _walk(value: Any, path: str = "") -> list[tuple[str, Any]]:
     return [(path, value)]
 
 
+@pytest.mark.slow
 def test_same_seed_gives_identical_state_folders_in_separate_processes(tmp_path: Path) -> None:
     fresh_root, forked_root = tmp_path / "fresh", tmp_path / "forked"
     fresh = run_fresh_process({"jobs": _jobs(fresh_root)}, env={"PYTHONHASHSEED": "12345"})

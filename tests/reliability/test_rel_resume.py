@@ -46,7 +46,7 @@ def _crash_after_epoch(monkeypatch: pytest.MonkeyPatch, crash_epoch: int) -> Non
     def on_epoch_end(self: ResumeCheckpointer, epoch: int, result: Any) -> None:
         original(self, epoch, result)
         if epoch == crash_epoch:
-            raise _CrashError
+            raise _CrashError(f"crashed after epoch {epoch}")
 
     monkeypatch.setattr(ResumeCheckpointer, "on_epoch_end", on_epoch_end)
 
@@ -71,7 +71,7 @@ def test_killed_update_resumes_and_ends_bit_identical(
     _update(_job(tmp_path, method, "reference", epochs=epochs, checkpoint_every=every))
     with monkeypatch.context() as m:
         _crash_after_epoch(m, crash_epoch)
-        with pytest.raises(_CrashError):
+        with pytest.raises(_CrashError, match="crashed after epoch"):
             _update(_job(tmp_path, method, "out", epochs=epochs, checkpoint_every=every))
     out = tmp_path / "out"
     assert not out.exists() and resume_folder(out).is_dir()
@@ -121,7 +121,7 @@ def test_resume_continues_early_stopping_from_the_history(tmp_path: Path, monkey
     assert reference.last_fit.stopped_early and 3 <= stop < 12
     with monkeypatch.context() as m:
         _crash_after_epoch(m, stop - 2)
-        with pytest.raises(_CrashError):
+        with pytest.raises(_CrashError, match="crashed after epoch"):
             _update(_job(tmp_path, "der", "out", **kw), val=True)
     updater = _update(_job(tmp_path, "der", "out", **kw), val=True)
     assert updater.resumed_from_epoch == stop - 1
@@ -135,7 +135,7 @@ def test_resume_without_the_optimizer_state_would_differ(tmp_path: Path, monkeyp
     _update(_job(tmp_path, "der", "reference", epochs=5, checkpoint_every=1))
     with monkeypatch.context() as m:
         _crash_after_epoch(m, 1)
-        with pytest.raises(_CrashError):
+        with pytest.raises(_CrashError, match="crashed after epoch"):
             _update(_job(tmp_path, "der", "out", epochs=5, checkpoint_every=1))
     restore = ResumeCheckpointer.restore
 
@@ -158,7 +158,7 @@ def test_a_checkpoint_of_another_update_or_a_corrupt_one_is_ignored(
     kw: dict[str, Any] = {"epochs": 4, "checkpoint_every": 1}
     with monkeypatch.context() as m:
         _crash_after_epoch(m, 1)
-        with pytest.raises(_CrashError):
+        with pytest.raises(_CrashError, match="crashed after epoch"):
             _update(_job(tmp_path, "der", "out", **kw))
     data_seed = 11
     if change == "other data":

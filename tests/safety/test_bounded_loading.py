@@ -97,7 +97,8 @@ try:
     retain.load_model(sys.argv[1])
 except retain.StateError as err:
     print("REFUSED", str(err)[:300])
-print("MAXRSS_KB", resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
+# VmHWM: this process's own peak (ru_maxrss would carry over the forking parent's peak across exec)
+print("MAXRSS_KB", next(int(l.split()[1]) for l in open("/proc/self/status") if l.startswith("VmHWM:")))
 """
 
 

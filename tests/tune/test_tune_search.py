@@ -28,6 +28,7 @@ SPACE = {
 SMALL = ["--dataset", "digits", "--num-tasks", "2", "--hidden-sizes", "32", "--memory-size", "50", "--batch-size", "20"]
 
 
+@pytest.mark.slow
 def test_retain_tune_runs_four_trials_and_writes_the_table_and_best_config(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:

@@ -196,3 +196,26 @@ def test_accuracy_on_a_dataset_is_streamed_and_takes_plain_modules() -> None:
     assert items == N and score == pytest.approx(expected)
     with pytest.raises(ValueError, match="empty dataset"):
         accuracy_on_dataset(model, Stream(n=0))
+
+
+def test_repeated_distillation_streams_a_dataset_of_unknown_length() -> None:
+    updater = retain.RepeatedDistillationModelUpdater(
+        retain.MultiLayerPerceptron(num_inputs=6, num_outputs=3, hidden_sizes=[8]),
+        optimizer=functools.partial(torch.optim.SGD, lr=0.1), memory_size=200, batch_size=8, max_epochs=2,
+        consolidation_epochs=2, accelerator="cpu", seed=0, num_workers=2,
+    )  # fmt: skip
+    experts, writes = [], []
+    real_expert, real_add = updater.train_expert, updater.learner.memory.add
+    updater.train_expert = lambda *a, **kw: experts.append(real_expert(*a, **kw)) or experts[-1]
+    updater.learner.memory.add = lambda x, y, meta: writes.append((x, meta["logits"])) or real_add(x, y, meta)
+    model = updater.update(Stream())
+    memory = updater.learner.memory
+    assert memory.seen == N and len(memory) == N, "the new data entered the reservoir once, in one pass"
+    with torch.no_grad():  # each item entered with the expert's logits of that very item (workers interleave)
+        for inputs, logits in writes:
+            torch.testing.assert_close(logits, experts[0].eval()(inputs))
+    x, y = _tensors()
+    stored = {tuple(row.tolist()) for row in memory.raw_items()[0]}
+    assert stored == {tuple(row.tolist()) for row in x}
+    assert updater.last_expert_fit is not None and updater.last_expert_fit.epochs == 2
+    assert retain.evaluation.accuracy(model, x, y) > 0.4

@@ -116,3 +116,20 @@ def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tm
             expected = again.model(item)  # the adapter: nested inputs in, logits out
             torch.testing.assert_close(metadata["logits"][row : row + 1], expected, rtol=1e-5, atol=1e-6)
     assert bool((inputs["attention_mask"].sum(1) == 3).any()), "short items entered the memory"
+
+
+def test_joint_holds_padded_sequences_of_every_update_with_the_pad_values(tmp_path) -> None:
+    def joint(**kw):
+        return retain.JointModelUpdater(
+            MaskedMeanClassifier(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=8, max_epochs=1,
+            accelerator="cpu", pad_values={"input_ids": PAD}, **kw,
+        )  # fmt: skip
+
+    short = Sequences(n=10, seed=1)
+    short.items = [(ids[:2], label) for ids, label in short.items]
+    joint(output_state_folder=tmp_path / "j1").update(short, train_dataset_collate_fn=pad_collate)
+    second = joint(input_state_folder=tmp_path / "j1")
+    second.update(Sequences(n=10, seed=2), train_dataset_collate_fn=pad_collate)
+    held = second.learner.seen_inputs
+    assert held["input_ids"].shape[0] == 20 and held["input_ids"].shape[1] > 2
+    assert held["input_ids"][:10, 2:].eq(PAD).all() and held["attention_mask"][:10, 2:].eq(0).all()

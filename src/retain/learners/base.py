@@ -19,7 +19,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset, Subset
 
-from retain import nested
+import retain.nested as nested
 from retain.batching import BatchSource, dataset_labels, describe_inputs, unwrap_loader
 from retain.memory import ReservoirMemory
 from retain.models.adapter import as_continual_model

@@ -12,7 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import Dataset
 
-from retain import nested
+import retain.nested as nested
 from retain.batching import NestedTensorDataset, materialize, unwrap_loader
 from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_name, chunk_tensors, map_chunk
 from retain.learners.base import Checkpoint, Learner, check_joinable

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from retain import nested
+import retain.nested as nested
 from retain.learners.base import Batch, Checkpoint, ReplayLearner, clear_activation_caches
 from retain.learners.components import (
     LOGITS,

@@ -32,8 +32,15 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from retain import nested
-from retain.batching import BatchSource, NestedTensorDataset, dataset_length, iter_batches, unwrap_loader
+import retain.nested as nested
+from retain.batching import (
+    BatchSource,
+    LoaderOptions,
+    NestedTensorDataset,
+    dataset_length,
+    iter_batches,
+    unwrap_loader,
+)
 from retain.learners.base import Batch, Learner, ReplayLearner, model_device, use_float64
 from retain.memory import ReservoirMemory
 from retain.methods.baselines import reset_parameters
@@ -49,7 +56,7 @@ from retain.options import (
     option_docs,
     training_option_parameters,
 )
-from retain.updaters.base import ModelUpdater, _deterministic
+from retain.updaters.base import ModelUpdater, deterministic
 from retain.updaters.loop import FitResult, fit
 
 LOGITS = "logits"
@@ -73,7 +80,10 @@ def double_distillation_loss(predicted_logits: Tensor, target_logits: Tensor) ->
 
 
 def _input_batches(
-    dataset: Dataset | ReservoirMemory, batch_size: int, collate_fn: Callable | None = None
+    dataset: Dataset | ReservoirMemory,
+    batch_size: int,
+    collate_fn: Callable | None = None,
+    loader_options: LoaderOptions | None = None,
 ) -> Iterator[NestedTensors]:
     """The raw inputs of every item, in order, in batches (streamed: one batch at a time)."""
     if isinstance(dataset, ReservoirMemory):
@@ -83,7 +93,7 @@ def _input_batches(
             for start in range(0, n, batch_size):
                 yield nested.index(inputs, slice(start, start + batch_size))
         return
-    for inputs, _ in iter_batches(dataset, batch_size, collate_fn, where="dataset"):
+    for inputs, _ in iter_batches(dataset, batch_size, collate_fn, options=loader_options, where="dataset"):
         yield inputs
 
 
@@ -95,13 +105,16 @@ def extract_logits(
     task_id: str | None = DEFAULT_TASK_ID,
     transform: Callable[[Any], Any] | None = None,
     collate_fn: Callable | None = None,
+    loader_options: LoaderOptions | None = None,
 ) -> Tensor:
     """The logits ``model.get_logits(transform(x), task_id)`` of every item, in order: (N, C).
 
     ``dataset`` is a ``TensorDataset`` (or ``Subset`` of one), any map-style or iterable
     ``Dataset`` whose items or batches split as ``retain.batching.split_batch`` says (read in
     batches with ``collate_fn``, no shuffling; never held whole), a ``DataLoader`` (its dataset
-    and collate function), or a ``ReservoirMemory`` (its filled slots in slot order; ``transform``
+    and collate function; ``loader_options`` its workers: a stream split between workers comes in
+    the workers' order, so read it with the same options as the pass it must line up with), or a
+    ``ReservoirMemory`` (its filled slots in slot order; ``transform``
     defaults to the memory's own transform). Inputs may be nested; a plain ``nn.Module`` is
     called with ``retain.nested.call_model``. Runs without gradients on the model's device and in
     eval mode, restoring the model's previous mode. The result is float32 on the model's device.
@@ -109,13 +122,13 @@ def extract_logits(
     if isinstance(dataset, ReservoirMemory) and transform is None:
         transform = dataset.transform
     if isinstance(dataset, DataLoader):
-        dataset, collate_fn, _ = unwrap_loader(dataset, collate_fn)
+        dataset, collate_fn, loader_options = unwrap_loader(dataset, collate_fn, loader_options)
     device = model_device(model)
     was_training = model.training
     model.eval()
     try:
         chunks = []
-        for inputs in _input_batches(dataset, batch_size, collate_fn):
+        for inputs in _input_batches(dataset, batch_size, collate_fn, loader_options):
             inputs = nested.to_device(inputs, device)
             if transform is not None:
                 inputs = transform(inputs)
@@ -247,10 +260,11 @@ class RepeatedDistillationLearner(ReplayLearner):
         length = dataset_length(source.dataset)
         if length is not None and logits.shape[0] != length:
             raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has {length}")
-        offset = 0  # the new data enters the reservoir in dataset order, batch by batch (streamed)
-        for inputs, targets in iter_batches(
-            source.dataset, source.batch_size, source.collate_fn, self.device, source.loader_options, "train_dataset"
-        ):
+        # The new data enters the reservoir in dataset order, batch by batch (streamed), read exactly
+        # as the updater read it for the expert's logits (batch size, collate, workers): same order.
+        offset = 0
+        reads = (source.dataset, self.logits_batch_size, source.collate_fn, self.device, source.loader_options)
+        for inputs, targets in iter_batches(*reads, "train_dataset"):
             n = targets.shape[0]
             if offset + n > logits.shape[0]:
                 raise ValueError(f"got expert logits for {logits.shape[0]} items, but the new data has more")
@@ -388,12 +402,14 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
         once for the expert's logits, once into the memory."""
         learner = self.learner
         learner.check_validation_data(val_dataset)  # before the expert trains, not after
-        with _deterministic(self.options.deterministic_trainer):
+        with deterministic(self.options.deterministic_trainer):
             expert = self.train_expert(train_dataset, task_id, train_dataset_collate_fn)
-            dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
+            dataset, collate_fn, loading = unwrap_loader(
+                train_dataset, train_dataset_collate_fn, self.options.loader_options()
+            )  # the same loader settings as the reservoir writes, so that a split stream lines up
             logits = extract_logits(
                 expert, dataset, learner.logits_batch_size, task_id or DEFAULT_TASK_ID, learner.memory.transform,
-                collate_fn=collate_fn,
+                collate_fn=collate_fn, loader_options=loading,
             )  # fmt: skip
         del expert
         learner.update_expert_logits(logits)

@@ -17,11 +17,13 @@ per-task heads and is rebuilt from the state folder alone.
 
 from __future__ import annotations
 
+import functools
+import inspect
 from typing import Any
 
 from torch import Tensor, nn
 
-from retain import nested
+import retain.nested as nested
 from retain.models.base import _TASK_ID_PATTERN, DEFAULT_TASK_ID, ContinualModel
 
 PLAIN_MODULE_MARKER = "plain_nn_module"
@@ -136,10 +138,21 @@ def unwrap(model: nn.Module) -> nn.Module:
 
 
 def forward_logits(model: nn.Module, inputs: Any, task_id: str | None = None) -> Tensor:
-    """Logits of any model: ``model(x, task_id)`` for a ``ContinualModel``, else ``call_model``."""
+    """Logits of any model: ``model(x, task_id)`` for a ``ContinualModel`` or a module whose
+    ``forward`` has a ``task_id`` parameter (given tensor inputs), else ``nested.call_model``."""
     if isinstance(model, ContinualModel):
         return model(inputs, task_id)
+    if isinstance(inputs, Tensor) and _takes_task_id(type(model)):
+        return model(inputs, task_id)
     return nested.call_model(model, inputs)
+
+
+@functools.cache
+def _takes_task_id(cls: type) -> bool:
+    try:
+        return "task_id" in inspect.signature(cls.forward).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 __all__ = ["PlainModuleAdapter", "as_continual_model", "forward_logits", "is_plain_description", "unwrap"]

@@ -19,7 +19,6 @@ import torch
 from torch import nn
 from torch.utils.data import Dataset
 
-import retain
 from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerprint, without_addresses
 from retain.learners.base import Learner, model_device, new_checkpoint, use_float64
 from retain.models.adapter import as_continual_model, is_plain_description, unwrap
@@ -41,6 +40,7 @@ from retain.state import (
     write_state,
 )
 from retain.updaters.loop import FitResult, fit
+from retain.version import __version__
 
 
 def resolve_device(accelerator: str, devices: int | None) -> torch.device:
@@ -66,6 +66,14 @@ def _cuda_device(devices: int | None) -> torch.device:
     return torch.device("cuda")
 
 
+DDP_STRATEGIES = ("ddp", "ddp_spawn", "auto")
+
+
+def wants_ddp(options: TrainingOptions) -> bool:
+    """True when ``options`` ask for a multi-process update."""
+    return (options.devices or 1) > 1 and options.strategy in DDP_STRATEGIES
+
+
 def seed_update(seed: int, updates_done: int) -> None:
     """Seeds the global generators (dropout, initialisation) for update number ``updates_done``."""
     torch.manual_seed(seed * 1_000_003 + updates_done)
@@ -79,6 +87,9 @@ class ModelUpdater:
     """
 
     supports_resume = False  # True where ``_train`` passes ``self._fit_kwargs`` to its one ``fit``
+    # The multi-process runner (``retain.updaters.distributed.distributed_update``), set by the
+    # ``retain.updaters`` package: distributed builds on this module, so this module cannot import it.
+    run_distributed: Callable[..., Any] | None = None
 
     def __init__(
         self,
@@ -221,6 +232,13 @@ class ModelUpdater:
             name = "memory.json" if getattr(err, "in_json", False) else "memory.safetensors"
             raise StateError(f"{state.path / name}: {err}") from None
 
+    def load_state(self, state: StateFolder) -> None:
+        """Loads a verified state folder's model, learner and memory into this updater (as a new
+        updater on that folder would hold them)."""
+        self._check_state_matches(state)
+        self._load_model_weights(state)
+        self._load_learner_state(state)
+
     def load_resume_state(self, state: StateFolder) -> None:
         """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
         self._check_state_matches(state)
@@ -242,12 +260,12 @@ class ModelUpdater:
         With ``checkpoint_every_n_epochs`` it resumes from a matching in-progress checkpoint
         beside the output folder (see ``retain.checkpoint``) and removes it once the state is written.
         """
-        from retain.updaters import distributed  # imported here: it builds on this module
-
         self._hold_output_lock()
         try:
-            if distributed.wants_ddp(self.options):
-                return unwrap(distributed.distributed_update(
+            if wants_ddp(self.options):
+                if ModelUpdater.run_distributed is None:
+                    raise RuntimeError("import retain.updaters to run multi-process updates")
+                return unwrap(ModelUpdater.run_distributed(
                     self, train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
                 ))  # fmt: skip
             return self._update_in_process(
@@ -264,7 +282,7 @@ class ModelUpdater:
         val_dataset_collate_fn: Callable | None,
         task_id: str | None,
     ) -> ContinualModel:
-        with _deterministic(self.options.deterministic_trainer):
+        with deterministic(self.options.deterministic_trainer):
             seed_update(self.learner.seed, self.learner.updates_done)
             checkpointing = bool(self.options.checkpoint_every_n_epochs)
             state_sha = state_digest(self) if checkpointing else ""
@@ -309,7 +327,7 @@ class ModelUpdater:
         self.learner.on_save_checkpoint(checkpoint)
         served = self.learner.inference_model()
         manifest = {
-            "retain_version": retain.__version__,
+            "retain_version": __version__,
             "method": self.method_name,
             "model": served.describe(),
             "method_options": self.method_options(),
@@ -340,7 +358,7 @@ class SingleTrainingLoopUpdater(ModelUpdater):
 
 
 @contextlib.contextmanager
-def _deterministic(enabled: bool):
+def deterministic(enabled: bool):
     """``deterministic_trainer=True``: ``torch.use_deterministic_algorithms(True)`` during the update.
 
     On CPU, updates are bit-identical for the same seed, data and options in any case. On a GPU

@@ -78,19 +78,12 @@ from retain.models.adapter import PlainModuleAdapter, unwrap
 from retain.models.base import ContinualModel, rebuild_model
 from retain.options import TrainingOptions
 from retain.state import StateFolder
-from retain.updaters.base import ModelUpdater, _deterministic, seed_update
+from retain.updaters.base import DDP_STRATEGIES, ModelUpdater, deterministic, seed_update, wants_ddp
 from retain.updaters.loop import FitResult
-
-DDP_STRATEGIES = ("ddp", "ddp_spawn", "auto")
 
 
 class DistributedUpdateError(RuntimeError):
     """A DDP update failed on some rank; no state was written."""
-
-
-def wants_ddp(options: TrainingOptions) -> bool:
-    """True when ``options`` ask for a multi-process update."""
-    return (options.devices or 1) > 1 and options.strategy in DDP_STRATEGIES
 
 
 def in_launched_job() -> bool:
@@ -130,11 +123,7 @@ def derive_generator_state(state: torch.Tensor, rank: int, device: torch.device 
 
 
 def _empty_like(memory: ReservoirMemory, memory_size: int) -> ReservoirMemory:
-    extra = {"pad_values": memory.pad_values} if getattr(memory, "pad_values", None) else {}
-    return ReservoirMemory(
-        memory_size, device=memory.device, transform=memory.transform, target_transform=memory.target_transform,
-        **extra,
-    )  # fmt: skip
+    return memory.empty_like(memory_size)
 
 
 def _pad_value(meta: dict[str, Any], key: str) -> float:
@@ -192,7 +181,7 @@ def merge_memories(
     """One memory of ``memory_size`` slots from the ranks' ``state_dict()``s, in rank order:
     their items concatenated, ``seen`` summed, rank 0's generator state."""
     seen = sum(int(meta["seen"]) for meta, _ in parts)
-    with_items = [(meta, tensors) for meta, tensors in parts if "inputs" in tensors and len(tensors["inputs"])]
+    with_items = [(meta, tensors) for meta, tensors in parts if "targets" in tensors and len(tensors["targets"])]
     names = list(with_items[0][0]["metadata_names"]) if with_items else []
     merged_tensors = {"generator_state": parts[0][1]["generator_state"]}
     base_meta = with_items[0][0] if with_items else parts[0][0]
@@ -229,7 +218,7 @@ def gather_memory(local: ReservoirMemory, memory_size: int) -> ReservoirMemory:
     """Every rank's memory gathered into one (on every rank): ``all_gather`` of the items, padded
     to the largest rank's count and sent as bytes, so that any dtype goes through gloo and nccl."""
     meta, tensors = local.state_dict()
-    rows = len(tensors["inputs"]) if "inputs" in tensors else 0
+    rows = len(tensors["targets"]) if "targets" in tensors else 0  # one row per item (inputs may be nested)
     spec = {k: (tuple(v.shape[1:]), str(v.dtype).removeprefix("torch.")) for k, v in tensors.items()}
     infos = _all_gather_object({"meta": meta, "rows": rows, "spec": spec})
     max_rows = max(info["rows"] for info in infos)
@@ -351,7 +340,7 @@ def run_rank(
             except Exception as err:  # reported to every rank, raised everywhere
                 error = f"{type(err).__name__}: {err}"
         _agree(error)
-        stack.enter_context(_deterministic(updater.options.deterministic_trainer))
+        stack.enter_context(deterministic(updater.options.deterministic_trainer))
         seed_update(learner.seed, learner.updates_done)
         learner.on_model_update_start(
             train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
@@ -481,10 +470,8 @@ def _run_spawned_rank(rank: int, world_size: int, payload: _Payload) -> None:
         model = payload.plain_module
     else:
         model = rebuild_model(StateFolder(payload.source_state).manifest["model"])
-    updater = payload.updater_class.__new__(payload.updater_class)
-    ModelUpdater.__init__(
-        updater, model, payload.loss_fn, payload.optimizer, learner_class=payload.learner_class,
-        learner_kwargs=payload.learner_kwargs, input_state_folder=payload.source_state,
+    updater = payload.updater_class(  # built as the user built it: the method's options by name
+        model, payload.loss_fn, payload.optimizer, **payload.learner_kwargs, input_state_folder=payload.source_state,
         output_state_folder=payload.output_state, **options,
     )  # fmt: skip
     if updater.device.type == "cpu":
@@ -540,8 +527,7 @@ def _spawn_update(
             raise DistributedUpdateError(f"the DDP update on {world} processes failed{where}: {detail}") from err
         state = StateFolder(target)
         # The parent continues from what rank 0 wrote, exactly as a new updater on that folder would.
-        updater._load_model_weights(state)
-        updater._load_learner_state(state)
+        updater.load_state(state)
         fit_file = Path(tmp) / "fit.json"
         updater.last_fit = FitResult(**json.loads(fit_file.read_text())) if fit_file.exists() else None
     return updater.learner.inference_model()

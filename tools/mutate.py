@@ -1,0 +1,460 @@
+"""A small mutation tester for retain: one single-node mutation of a module at a time, then its tests.
+
+Each mutant is a copy of ``src/`` (in a temporary folder, never the worktree's ``src/``) where one
+AST node of one module is changed: a comparison flipped (``<`` -> ``>=``, ``==`` -> ``!=``, ``<`` ->
+``<=``, ``in`` -> ``not in``, ``is`` -> ``is not``), ``+`` <-> ``-``, ``*`` <-> ``/``, ``and`` <->
+``or``, ``not x`` -> ``x``, ``True`` <-> ``False``, a number changed (``n`` -> ``n + 1``, ``x`` ->
+``2 * x``), ``return x`` -> ``return None``, a call statement dropped (``os.fsync(fd)``,
+``model.eval()``, ...), an assignment or augmented assignment dropped, two keyword (or positional)
+arguments of a call swapped, a keyword argument dropped. The module's mapped test files then run in a
+fresh interpreter (``pytest -x``) with a timeout; a failing run kills the mutant, a passing run lets it
+survive, a run past the timeout counts as killed (``timeout``).
+
+Usage (from the repository root; a full run is slow on 2 cores, so sample)::
+
+    python tools/mutate.py --module retain/memory.py --max-mutants 40
+    python tools/mutate.py --module retain/state.py --module retain/methods/er.py --max-mutants 30 \
+        --report runs/mutation
+    python tools/mutate.py --module retain/memory.py --list          # the mutants, nothing run
+
+The report (``--report`` folder) gets ``mutation.json`` (every mutant: line, kind, original and
+mutated code, outcome, seconds) and ``mutation.md`` (score per module, survivors). Survivors
+judged equivalent (no observable behaviour changes) or accepted are listed with the reason in
+``tools/mutants_accepted.json`` (key ``module:line:kind:mutated code``); they are reported apart and
+do not count against the score.
+"""
+
+from __future__ import annotations
+
+import argparse
+import ast
+import copy
+import json
+import os
+import random
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+ACCEPTED_FILE = ROOT / "tools" / "mutants_accepted.json"
+
+# The test files that exercise each module (the ones a developer would run after editing it).
+TEST_MAP: dict[str, list[str]] = {
+    "retain/memory.py": ["tests/core/test_core_memory.py", "tests/core/test_core_memory_join.py",
+                         "tests/core/test_core_hot_path.py"],
+    "retain/state.py": ["tests/wiring/test_wiring_state.py", "tests/core/test_core_state_safety.py",
+                        "tests/reliability/test_rel_corrupt.py"],
+    "retain/learners/base.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
+                                "tests/wiring/test_wiring_loop.py",
+                                "tests/wiring/test_wiring_baselines.py", "tests/core/test_core_validation.py",
+                                "tests/er/test_er_learners.py"],
+    "retain/learners/components.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
+                                      "tests/er/test_er_components.py",
+                                      "tests/er/test_er_cls.py"],
+    "retain/methods/er.py": ["tests/wiring/test_wiring_methods.py", "tests/er/test_er_learners.py",
+                             "tests/er/test_er_updaters.py", "tests/er/test_er_cls.py"],
+    "retain/methods/baselines.py": ["tests/wiring/test_wiring_baselines.py", "tests/wiring/test_wiring_loop.py",
+                                    "tests/core/test_core_validation.py"],
+    "retain/methods/repeated_distill.py": ["tests/wiring/test_wiring_losses.py", "tests/wiring/test_wiring_loop.py",
+                                           "tests/rd/test_rd_loss.py",
+                                           "tests/rd/test_rd_extract.py", "tests/rd/test_rd_updater.py"],
+    "retain/updaters/base.py": ["tests/wiring/test_wiring_state.py", "tests/wiring/test_wiring_fingerprint.py",
+                                "tests/wiring/test_wiring_loop.py",
+                                "tests/core/test_core_validation.py", "tests/core/test_core_state_safety.py",
+                                "tests/er/test_er_cls.py"],
+    "retain/updaters/loop.py": ["tests/wiring/test_wiring_loop.py", "tests/wiring/test_wiring_methods.py",
+                                "tests/wiring/test_wiring_losses.py",
+                                "tests/core/test_core_validation.py", "tests/speed/test_speed_hot_path.py",
+                                "tests/er/test_er_learners.py", "tests/reliability/test_rel_resume.py"],
+    "retain/checkpoint.py": ["tests/wiring/test_wiring_fingerprint.py", "tests/reliability/test_rel_resume.py"],
+    "retain/cli.py": ["tests/wiring/test_wiring_cli.py"],
+}
+
+_COMPARE_SWAPS: dict[type, list[type]] = {
+    ast.Lt: [ast.GtE, ast.LtE],
+    ast.LtE: [ast.Gt, ast.Lt],
+    ast.Gt: [ast.LtE, ast.GtE],
+    ast.GtE: [ast.Lt, ast.Gt],
+    ast.Eq: [ast.NotEq],
+    ast.NotEq: [ast.Eq],
+    ast.Is: [ast.IsNot],
+    ast.IsNot: [ast.Is],
+    ast.In: [ast.NotIn],
+    ast.NotIn: [ast.In],
+}
+_BINOP_SWAPS: dict[type, type] = {
+    ast.Add: ast.Sub, ast.Sub: ast.Add, ast.Mult: ast.Div, ast.Div: ast.Mult, ast.FloorDiv: ast.Mult,
+    ast.Mod: ast.FloorDiv, ast.Pow: ast.Mult,
+}
+
+
+# Swapping the arguments of these fails at once with a TypeError: trivially killed, not counted.
+_BUILTINS = {"isinstance", "issubclass", "getattr", "setattr", "hasattr", "min", "max", "range", "zip",
+             "divmod", "round", "enumerate", "open", "print", "sorted"}
+
+
+@dataclass
+class Mutant:
+    """One single-node change of one module."""
+
+    module: str
+    index: int  # position of the node in the module's ast.walk order
+    kind: str
+    line: int
+    original: str
+    mutated: str
+    variant: int = 0  # which of the node's mutations of this kind
+    outcome: str = ""  # killed / survived / timeout / accepted
+    seconds: float = 0.0
+    reason: str = field(default="")
+
+    @property
+    def key(self) -> str:
+        return f"{self.module}:{self.line}:{self.kind}:{self.mutated}"
+
+
+def _docstring_nodes(tree: ast.AST) -> set[int]:
+    ids = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Module | ast.ClassDef | ast.FunctionDef | ast.AsyncFunctionDef) and node.body:
+            first = node.body[0]
+            if isinstance(first, ast.Expr) and isinstance(first.value, ast.Constant):
+                ids.add(id(first))
+    return ids
+
+
+def _skipped_nodes(tree: ast.AST) -> set[int]:
+    """Nodes never mutated: annotations, docstrings, raise statements' messages, ``__all__``, logging."""
+    skip: set[int] = set()
+
+    def drop(sub: ast.AST | None) -> None:
+        if sub is not None:
+            skip.update(id(n) for n in ast.walk(sub))
+
+    for node in ast.walk(tree):
+        if isinstance(node, ast.arg | ast.AnnAssign):
+            drop(node.annotation)
+        if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef):
+            drop(node.returns)
+            for d in node.args.defaults + [d for d in node.args.kw_defaults if d is not None]:
+                drop(d)  # default values: the options tests pass explicit values
+        if isinstance(node, ast.Raise):
+            drop(node.exc)
+        if isinstance(node, ast.JoinedStr):
+            drop(node)
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == "__all__" for t in node.targets):
+            drop(node)
+        if isinstance(node, ast.Call) and isinstance(node.func, ast.Attribute) and isinstance(
+            node.func.value, ast.Name
+        ) and node.func.value.id in ("logger", "warnings", "logging"):
+            drop(node)
+        if isinstance(node, ast.Assert):
+            drop(node)  # asserts only guard internal invariants
+        if isinstance(node, ast.If) and isinstance(node.test, ast.Name) and node.test.id == "TYPE_CHECKING":
+            drop(node)
+    skip |= _docstring_nodes(tree)
+    return skip
+
+
+def _mutations(node: ast.AST, parent: ast.AST | None) -> Iterator[tuple[str, int, ast.AST | None]]:
+    """(kind, variant, replacement node) for every mutation of ``node``; None deletes a statement."""
+    if isinstance(node, ast.Compare) and len(node.ops) == 1:
+        for v, op in enumerate(_COMPARE_SWAPS.get(type(node.ops[0]), [])):
+            new = copy.deepcopy(node)
+            new.ops = [op()]
+            yield "compare", v, new
+    elif isinstance(node, ast.BinOp) and type(node.op) in _BINOP_SWAPS:
+        new = copy.deepcopy(node)
+        new.op = _BINOP_SWAPS[type(node.op)]()
+        yield "binop", 0, new
+    elif isinstance(node, ast.AugAssign) and type(node.op) in _BINOP_SWAPS:
+        new = copy.deepcopy(node)
+        new.op = _BINOP_SWAPS[type(node.op)]()
+        yield "augop", 0, new
+    elif isinstance(node, ast.BoolOp):
+        new = copy.deepcopy(node)
+        new.op = ast.Or() if isinstance(node.op, ast.And) else ast.And()
+        yield "boolop", 0, new
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.Not):
+        yield "not", 0, copy.deepcopy(node.operand)
+    elif isinstance(node, ast.UnaryOp) and isinstance(node.op, ast.USub):
+        yield "negate", 0, copy.deepcopy(node.operand)
+    elif isinstance(node, ast.Constant):
+        value = node.value
+        if isinstance(value, bool):
+            yield "bool", 0, ast.Constant(not value)
+        elif isinstance(value, int):
+            yield "number", 0, ast.Constant(value + 1)
+        elif isinstance(value, float):
+            yield "number", 0, ast.Constant(value * 2 if value else 1.0)
+    elif isinstance(node, ast.Return) and node.value is not None and not (
+        isinstance(node.value, ast.Constant) and node.value.value is None
+    ):
+        yield "return", 0, ast.Return(ast.Constant(None))
+    elif isinstance(node, ast.Expr) and isinstance(node.value, ast.Call):
+        yield "drop_call", 0, None
+    elif isinstance(node, ast.Assign | ast.AugAssign) and not isinstance(parent, ast.ClassDef):
+        yield "drop_assign", 0, None
+    if isinstance(node, ast.Call):
+        if len(node.keywords) >= 2:
+            v = 0
+            for i in range(len(node.keywords)):
+                for j in range(i + 1, len(node.keywords)):
+                    a, b = node.keywords[i], node.keywords[j]
+                    if a.arg is None or b.arg is None or ast.dump(a.value) == ast.dump(b.value):
+                        continue
+                    new = copy.deepcopy(node)
+                    new.keywords[i].value, new.keywords[j].value = new.keywords[j].value, new.keywords[i].value
+                    yield "swap_kwargs", v, new
+                    v += 1
+        for v, kw in enumerate(node.keywords):
+            if kw.arg is not None:
+                new = copy.deepcopy(node)
+                del new.keywords[v]
+                yield "drop_kwarg", v, new
+        positional = [a for a in node.args if not isinstance(a, ast.Starred)]
+        builtin = isinstance(node.func, ast.Name) and node.func.id in _BUILTINS
+        if not builtin and len(positional) == len(node.args) and len(node.args) >= 2:
+            v = 0
+            for i in range(len(node.args) - 1):
+                if ast.dump(node.args[i]) == ast.dump(node.args[i + 1]):
+                    continue
+                new = copy.deepcopy(node)
+                new.args[i], new.args[i + 1] = new.args[i + 1], new.args[i]
+                yield "swap_args", v, new
+                v += 1
+
+
+class _Replace(ast.NodeTransformer):
+    """Replaces the node at ``index`` (ast.walk order of an identical tree) by ``replacement``."""
+
+    def __init__(self, target: ast.AST, replacement: ast.AST | None) -> None:
+        self.target, self.replacement = target, replacement
+
+    def visit(self, node: ast.AST) -> ast.AST | None:
+        if node is self.target:
+            if self.replacement is None:
+                return ast.Pass()
+            return ast.copy_location(self.replacement, node)
+        return self.generic_visit(node)
+
+
+def _parents(tree: ast.AST) -> dict[int, ast.AST]:
+    out = {}
+    for node in ast.walk(tree):
+        for child in ast.iter_child_nodes(node):
+            out[id(child)] = node
+    return out
+
+
+def _show(node: ast.AST | None) -> str:
+    if node is None:
+        return "pass"
+    text = ast.unparse(node).strip().replace("\n", "; ")
+    return text if len(text) <= 160 else text[:157] + "..."
+
+
+def enumerate_mutants(module: str, src_root: Path) -> list[Mutant]:
+    """Every mutant of ``module`` (path relative to ``src_root``), in source order."""
+    source = (src_root / module).read_text()
+    tree = ast.parse(source)
+    skip = _skipped_nodes(tree)
+    parents = _parents(tree)
+    lines = source.splitlines()
+    mutants = []
+    baseline = ast.unparse(tree)
+    for index, node in enumerate(ast.walk(tree)):
+        if id(node) in skip or not hasattr(node, "lineno"):
+            continue
+        if "no mutate" in lines[node.lineno - 1]:
+            continue
+        for kind, variant, replacement in _mutations(node, parents.get(id(node))):
+            mutated_tree = _apply(tree, index, replacement)
+            if mutated_tree is None or ast.unparse(mutated_tree) == baseline:
+                continue
+            mutants.append(
+                Mutant(module, index, kind, node.lineno, _show(node), _show(replacement), variant)
+            )
+    mutants.sort(key=lambda m: (m.line, m.index, m.kind, m.variant))
+    return mutants
+
+
+def _apply(tree: ast.AST, index: int, replacement: ast.AST | None) -> ast.AST | None:
+    fresh = copy.deepcopy(tree)
+    target = next(n for i, n in enumerate(ast.walk(fresh)) if i == index)
+    new = _Replace(target, copy.deepcopy(replacement) if replacement is not None else None).visit(fresh)
+    ast.fix_missing_locations(new)
+    try:
+        compile(new, "<mutant>", "exec")
+    except SyntaxError:
+        return None
+    return new
+
+
+def mutated_source(mutant: Mutant, src_root: Path) -> str:
+    """The module's source with ``mutant`` applied (regenerated from the mutant's node index)."""
+    tree = ast.parse((src_root / mutant.module).read_text())
+    node = next(n for i, n in enumerate(ast.walk(tree)) if i == mutant.index)
+    for kind, variant, replacement in _mutations(node, _parents(tree).get(id(node))):
+        if kind == mutant.kind and variant == mutant.variant:
+            new = _apply(tree, mutant.index, replacement)
+            assert new is not None
+            return ast.unparse(new) + "\n"
+    raise LookupError(f"mutant {mutant.key} no longer applies")
+
+
+def run_tests(run_root: Path, tests: list[str], timeout: float) -> tuple[str, float]:
+    """'passed', 'failed' or 'timeout' of ``pytest -x tests`` run in ``run_root`` (a copy of the
+    repository's src/ and tests/) importing retain from its src/."""
+    env = dict(os.environ, PYTHONPATH=str(run_root / "src"), OMP_NUM_THREADS="1", PYTHONDONTWRITEBYTECODE="1",
+               PYTHONHASHSEED="0", RETAIN_TEST_DATA_DIR=os.environ.get("RETAIN_TEST_DATA_DIR",
+                                                                      str(ROOT.parent / "shared" / "data")))
+    cmd = [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
+           "--timeout", str(int(timeout)), *tests]
+    start = time.perf_counter()
+    try:
+        proc = subprocess.run(cmd, cwd=run_root, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                              timeout=timeout, check=False)
+    except subprocess.TimeoutExpired:
+        return "timeout", time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    if proc.returncode == 0:
+        return "passed", seconds
+    if proc.returncode == 5:  # no tests collected: a mapping error, not a kill
+        raise RuntimeError(f"no tests collected from {tests}")
+    return "failed", seconds
+
+
+def load_accepted() -> dict[str, str]:
+    if ACCEPTED_FILE.exists():
+        return json.loads(ACCEPTED_FILE.read_text())
+    return {}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--module", action="append", required=True, help="module path under src/, e.g. retain/memory.py")
+    p.add_argument("--max-mutants", type=int, default=None, help="per module: a seeded random sample of this many")
+    p.add_argument("--seed", type=int, default=0, help="seed of the sample")
+    p.add_argument("--kinds", default=None, help="comma-separated mutation kinds to keep (default: all)")
+    p.add_argument("--tests", nargs="+", default=None, help="test files to run instead of the module's mapping")
+    p.add_argument("--timeout", type=float, default=None, help="seconds per mutant (default: 3 x baseline + 30)")
+    p.add_argument("--report", default="runs/mutation", help="folder for mutation.json and mutation.md")
+    p.add_argument("--list", action="store_true", help="list the mutants and exit")
+    p.add_argument("--rerun", default=None, help="a mutation.json: run only its survivors again (after new tests)")
+    args = p.parse_args(argv)
+    # A SIGTERM ends the run like Ctrl-C: the running pytest is killed and the temporary copy removed.
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    src_root = ROOT / "src"
+    accepted = load_accepted()
+    report_dir = Path(args.report)
+    report_dir.mkdir(parents=True, exist_ok=True)
+    results: list[Mutant] = []
+    summary: dict[str, dict[str, int]] = {}
+    with tempfile.TemporaryDirectory(prefix="retain-mutate-") as tmp:
+        # src/ and tests/ are copied once: edits in the worktree while the run goes on change nothing.
+        run_root = Path(tmp)
+        src_copy = run_root / "src"
+        ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".hypothesis")
+        shutil.copytree(src_root, src_copy, ignore=ignore)
+        shutil.copytree(ROOT / "tests", run_root / "tests", ignore=ignore)
+        shutil.copy2(ROOT / "pyproject.toml", run_root / "pyproject.toml")
+        for module in args.module:
+            mutants = enumerate_mutants(module, src_root)
+            if args.kinds:
+                kinds = set(args.kinds.split(","))
+                mutants = [m for m in mutants if m.kind in kinds]
+            total = len(mutants)
+            if args.rerun:
+                previous = json.loads(Path(args.rerun).read_text())["mutants"]
+                keys = {(m["module"], m["index"], m["kind"], m["variant"]) for m in previous
+                        if m["outcome"] == "survived"}  # fmt: skip
+                mutants = [m for m in mutants if (m.module, m.index, m.kind, m.variant) in keys]
+            elif args.max_mutants is not None and total > args.max_mutants:
+                mutants = sorted(random.Random(f"{args.seed}:{module}").sample(mutants, args.max_mutants),
+                                 key=lambda m: (m.line, m.index, m.kind, m.variant))
+            if args.list:
+                for m in mutants:
+                    print(f"{m.module}:{m.line} {m.kind}: {m.original}  ->  {m.mutated}")
+                print(f"{module}: {len(mutants)} of {total} mutants")
+                continue
+            tests = args.tests or TEST_MAP.get(module)
+            if not tests:
+                raise SystemExit(f"no test files mapped for {module}: pass --tests")
+            tests = [t for t in tests if (ROOT / t).exists()]
+            status, base_seconds = run_tests(run_root, tests, timeout=1800)
+            if status != "passed":
+                raise SystemExit(f"{module}: the unmutated tests {tests} do not pass ({status})")
+            timeout = args.timeout or 3 * base_seconds + 30
+            print(f"{module}: {len(mutants)} of {total} mutants, tests {tests} ({base_seconds:.0f} s unmutated)",
+                  flush=True)
+            target = src_copy / module
+            original = target.read_text()
+            counts = {"total": total, "tested": 0, "killed": 0, "timeout": 0, "survived": 0, "accepted": 0}
+            try:
+                for m in mutants:
+                    target.write_text(mutated_source(m, src_root))
+                    status, m.seconds = run_tests(run_root, tests, timeout)
+                    target.write_text(original)
+                    if status == "passed":
+                        m.outcome = "accepted" if m.key in accepted else "survived"
+                        m.reason = accepted.get(m.key, "")
+                    else:
+                        m.outcome = "killed" if status == "failed" else "timeout"
+                    counts["tested"] += 1
+                    counts[m.outcome] += 1
+                    results.append(m)
+                    summary[module] = counts
+                    write_report(report_dir, summary, results, quiet=True)  # readable while the run goes on
+                    print(f"  {m.outcome:8s} {m.module}:{m.line} {m.kind}: {m.original} -> {m.mutated} "
+                          f"({m.seconds:.0f} s)", flush=True)
+            finally:
+                target.write_text(original)
+            summary[module] = counts
+    if args.list:
+        return 0
+    write_report(report_dir, summary, results)
+    return 0
+
+
+def score(counts: dict[str, int]) -> float:
+    """Killed (failures and timeouts) over the non-equivalent mutants tested."""
+    relevant = counts["tested"] - counts["accepted"]
+    return (counts["killed"] + counts["timeout"]) / relevant if relevant else 1.0
+
+
+def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list[Mutant], quiet: bool = False) -> None:
+    """``mutation.json`` and ``mutation.md`` (score per module and the survivors)."""
+    (folder / "mutation.json").write_text(
+        json.dumps({"summary": summary, "mutants": [asdict(m) for m in results]}, indent=2) + "\n"
+    )
+    rows = ["| module | mutants | tested | killed | timeout | survived | equivalent/accepted | score |",
+            "|---|---|---|---|---|---|---|---|"]
+    total = {"total": 0, "tested": 0, "killed": 0, "timeout": 0, "survived": 0, "accepted": 0}
+    for module, c in summary.items():
+        rows.append(f"| {module} | {c['total']} | {c['tested']} | {c['killed']} | {c['timeout']} | {c['survived']} "
+                    f"| {c['accepted']} | {100 * score(c):.0f} % |")
+        for k in total:
+            total[k] += c[k]
+    rows.append(f"| **all** | {total['total']} | {total['tested']} | {total['killed']} | {total['timeout']} "
+                f"| {total['survived']} | {total['accepted']} | **{100 * score(total):.0f} %** |")
+    lines = ["# Mutation score", "", *rows, "", "## Survivors", ""]
+    lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`"
+              for m in results if m.outcome == "survived"] or ["none"]
+    lines += ["", "## Equivalent or accepted", ""]
+    lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`: {m.reason}"
+              for m in results if m.outcome == "accepted"] or ["none"]
+    (folder / "mutation.md").write_text("\n".join(lines) + "\n")
+    if not quiet:
+        print("\n".join(rows))
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
