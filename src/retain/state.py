@@ -457,9 +457,15 @@ def not_a_state_folder(path: Path) -> str | None:
         return "it is a file, not a state folder"
     try:
         manifest = _read_manifest(path)
-    except StateError as err:
+        extra = sorted(set(os.listdir(path)) - set(manifest["files"]) - {MANIFEST})
+    except (StateError, FileNotFoundError) as err:
+        try:
+            replaced = os.lstat(path).st_ino != info.st_ino
+        except FileNotFoundError:
+            replaced = True
+        if replaced:  # a writer replaced it while we looked: it is checked again under the lock
+            return None
         return f"it is not a retain state folder ({err})"
-    extra = sorted(set(os.listdir(path)) - set(manifest["files"]) - {MANIFEST})
     if extra:
         return f"it holds files that are not part of its state: {printable(extra[:5])}"
     return None
@@ -817,6 +823,10 @@ class StateFolder:
         if name not in self._mapped:
             raise StateError(f"{self.path}: {name} is missing (not a mapped file of this state)")
         return self._mapped[name]
+
+    def has(self, name: str) -> bool:
+        """Whether the state lists the file ``name`` (the manifest itself is not one of its files)."""
+        return name in self.manifest["files"]
 
     def json(self, name: str) -> Any:
         if name not in self._json:

@@ -42,11 +42,13 @@ BASE: dict[str, Any] = dict(memory_size=8, batch_size=4, max_epochs=2, accelerat
 def build(tmp_path: Path, input_state: Path | None = None, optimizer: Any = None, loss_fn: Any = None,
           **changes: Any) -> DarkExperienceReplayModelUpdater:  # fmt: skip
     torch.manual_seed(0)
-    return DarkExperienceReplayModelUpdater(
+    updater = DarkExperienceReplayModelUpdater(
         MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), loss_fn,
         optimizer or functools.partial(torch.optim.SGD, lr=0.1), input_state_folder=input_state,
         output_state_folder=tmp_path / "out", **{**BASE, **changes},
     )  # fmt: skip
+    updater.release_output_lock()  # several are compared side by side; update() takes the lock again
+    return updater
 
 
 def fingerprint(updater: Any, train: TensorDataset | None = None, val: TensorDataset | None = None,

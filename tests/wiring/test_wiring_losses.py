@@ -89,8 +89,8 @@ def test_rd_phases_follow_their_own_options(monkeypatch: pytest.MonkeyPatch) -> 
     )  # fmt: skip
     real_expert = updater.train_expert
 
-    def train_expert(train_dataset: Any, task_id: Any = None) -> Any:
-        expert = real_expert(train_dataset, task_id)
+    def train_expert(train_dataset: Any, task_id: Any = None, collate_fn: Any = None) -> Any:
+        expert = real_expert(train_dataset, task_id, collate_fn)
         assert updater.last_expert_fit is not None
         batches["expert"] = [updater.last_expert_fit.steps, updater.last_expert_fit.epochs]
         return expert

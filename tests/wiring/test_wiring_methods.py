@@ -261,13 +261,14 @@ def test_pod_option_values_reach_the_pod_loss(distillation_type: str, normalize:
                                               monkeypatch: pytest.MonkeyPatch) -> None:  # fmt: skip
     """The POD term of a step equals ``alpha * pod_loss`` with the type and normalisation passed."""
     seen: list[tuple[str, bool]] = []
-    real = comp.pod_loss
+    real = comp.pod_loss_pooled  # the step distils against the pooled vectors the memory stores
 
-    def pod_loss(current: Any, stored: Any, distillation_type: str = "spatial", normalize: bool = True) -> Tensor:
+    def pod_loss_pooled(current: Any, stored: Any, distillation_type: str = "spatial",
+                        normalize: bool = True) -> Tensor:  # fmt: skip
         seen.append((distillation_type, bool(normalize)))
         return real(current, stored, distillation_type, normalize)
 
-    monkeypatch.setattr(comp, "pod_loss", pod_loss)
+    monkeypatch.setattr(comp, "pod_loss_pooled", pod_loss_pooled)
     updater = build("pod", distillation_type=distillation_type, normalize=normalize)
     updater.update(blobs(0))
     assert seen and set(seen) == {(distillation_type, bool(normalize))}

@@ -166,12 +166,14 @@ def test_manifest_values_of_the_wrong_type_are_refused(key: str, value: object, 
     ids=["float", "bool", "2-D"],
 )
 def test_memory_targets_must_be_1d_integers(targets: torch.Tensor) -> None:
-    from retain.state import StateError, check_memory_tensors
+    from retain.memory import MemoryStateError, ReservoirMemory
 
-    tensors = {"generator_state": torch.zeros(8, dtype=torch.uint8), "targets": targets, "inputs": torch.zeros(3, 4)}
-    with pytest.raises(StateError, match="targets must be a 1-D integer tensor"):
-        check_memory_tensors(tensors, 3, "memory.safetensors")
-    check_memory_tensors({**tensors, "targets": torch.zeros(3, dtype=torch.long)}, 3, "memory.safetensors")
+    memory = ReservoirMemory(8)
+    memory.add(torch.zeros(3, 4), torch.zeros(3, dtype=torch.long))
+    meta, tensors = memory.state_dict()
+    with pytest.raises(MemoryStateError, match="targets must be a 1-D int64 tensor"):
+        ReservoirMemory(8).load_state_dict(meta, {**tensors, "targets": targets}, num_classes=3)
+    ReservoirMemory(8).load_state_dict(meta, tensors, num_classes=3)
 
 
 def test_a_state_with_task_heads_loads_into_a_fresh_model(tmp_path: Path) -> None:
