@@ -814,7 +814,8 @@ class StateFolder:
                 self._json[name] = kept
 
     def has(self, name: str) -> bool:
-        """Whether the state lists file ``name`` (a JSON, tensor or mapped file)."""
+        """Whether the state lists the file ``name``: a JSON, tensor or mapped file (the manifest
+        itself is not one of its files)."""
         return name in self.manifest["files"]
 
     def mapped_file(self, name: str) -> LinkedFile:
@@ -823,10 +824,6 @@ class StateFolder:
         if name not in self._mapped:
             raise StateError(f"{self.path}: {name} is missing (not a mapped file of this state)")
         return self._mapped[name]
-
-    def has(self, name: str) -> bool:
-        """Whether the state lists the file ``name`` (the manifest itself is not one of its files)."""
-        return name in self.manifest["files"]
 
     def json(self, name: str) -> Any:
         if name not in self._json:
