@@ -4,6 +4,7 @@ Experience replay (ER, DER/DER++, POD-ER, CLS-ER, Super-ER) and Repeated Distill
 device-resident reservoir memory, with updaters that read and write safe, atomic state folders.
 """
 
+from retain import _fast_start  # noqa: F401  (installs itself: the first optimizer without torch._dynamo)
 from retain.memory import MemoryBatch, ReservoirMemory
 from retain.methods import *  # noqa: F403
 from retain.methods import __all__ as _methods_all

@@ -15,6 +15,11 @@ Paths are guarded, because a state path that is not a state folder must never co
   offsets that tile the file exactly) before any tensor is allocated. Every file's checksum is
   verified by streaming before anything is used, and again as its tensors are read into their
   final buffers, so nothing holds a file's bytes. Nothing is ever unpickled.
+
+Mapped files (``chunk_*.safetensors``, the joint baseline's data) are verified by the same
+streaming hash but never read into memory: ``StateFolder.mapped_file`` hands out their verified
+path for memory-mapped reading, and ``write_state(linked_files=...)`` places them in a later state
+by hard link (a copy where linking fails) instead of rewriting them.
 """
 
 from __future__ import annotations
@@ -29,8 +34,10 @@ import re
 import secrets
 import shutil
 import stat
+import time
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
 
@@ -75,6 +82,46 @@ class StateError(RuntimeError):
 
 class StateLockedError(StateError):
     """Another update is writing the same output state folder."""
+
+
+# ---------------------------------------------------------------------------------- mapped files
+# Files whose names start with this prefix are "mapped files" (the joint baseline's data chunks):
+# verified by a streaming hash and never held in memory; ``StateFolder.mapped_file`` hands out
+# their path for memory-mapped reading, and ``write_state(linked_files=...)`` reuses them in a
+# later state by hard link (copy across filesystems) without rewriting them.
+MAPPED_PREFIX = "chunk_"
+# In-process record of mapped files already hashed: (st_dev, st_ino, st_size, st_mtime_ns) -> sha256.
+# An inode is recorded only when its mtime was >= _SETTLED_NS older than the start of its hash, so
+# that any later write to it (which sets mtime to a later time on a local filesystem, whose
+# timestamp granularity is <= 10 ms) changes the key. Set ``VERIFY_MAPPED_EVERY_TIME = True`` to
+# hash every mapped file at every load regardless.
+_VERIFIED: dict[tuple[int, int, int, int], str] = {}
+_SETTLED_NS = 1_000_000_000
+VERIFY_MAPPED_EVERY_TIME = False
+
+
+def is_mapped_file(name: str) -> bool:
+    """Whether ``name`` is a mapped state file (verified streaming, read by memory map)."""
+    return name.startswith(MAPPED_PREFIX) and name.endswith(".safetensors")
+
+
+@dataclass(frozen=True)
+class LinkedFile:
+    """A verified file of a state folder that another state may reuse without rewriting it.
+
+    ``identity`` is ``(st_dev, st_ino, st_size, st_mtime_ns)`` of the file when its sha256 was
+    verified (or written): a hard link with the same identity is the same bytes.
+    """
+
+    path: Path
+    sha256: str
+    bytes: int
+    identity: tuple[int, int, int, int]
+
+
+def file_identity(st: os.stat_result) -> tuple[int, int, int, int]:
+    """``(st_dev, st_ino, st_size, st_mtime_ns)``: what ``LinkedFile.identity`` compares."""
+    return (st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns)
 
 
 def printable(text: object) -> str:
@@ -288,11 +335,79 @@ def _open_regular(path: Path) -> tuple[BinaryIO, int]:
     return os.fdopen(fd, "rb"), info.st_size
 
 
+open_regular = _open_regular  # the same no-symlink open, for the chunk reader (retain.chunks)
+
+
 def _check_digest(path: Path, entry: dict[str, Any], digest: str, nbytes: int) -> None:
     if nbytes != entry["bytes"] or digest != entry["sha256"]:
         raise StateError(
             f"{path}: checksum mismatch (expected sha256 {entry['sha256']} and {entry['bytes']} bytes, "
             f"found {digest} and {nbytes} bytes); the file is corrupt or was edited"
+        )
+
+
+def _stream_digest(f: BinaryIO, keep: bool = False) -> tuple[str, bytes | None]:
+    """sha256 of the rest of an open file, read in pieces (the bytes kept only when ``keep``)."""
+    h, kept = hashlib.sha256(), []
+    while chunk := f.read(_CHUNK):
+        h.update(chunk)
+        if keep:
+            kept.append(chunk)
+    return h.hexdigest(), b"".join(kept) if keep else None
+
+
+def _verify_mapped(path: Path, entry: dict[str, Any]) -> LinkedFile:
+    """Streaming size + sha256 check of a mapped file (skipped for an inode already verified in
+    this process, see ``_VERIFIED``); the file's bytes are not kept. Opened without following a
+    symlink; refused if it changes while it is hashed."""
+    f, size = _open_regular(path)
+    with f:
+        identity = file_identity(os.fstat(f.fileno()))
+        if size != entry["bytes"]:
+            raise StateError(
+                f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+                "the file is truncated, corrupt or was edited"
+            )
+        if not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]:
+            return LinkedFile(path, entry["sha256"], entry["bytes"], identity)
+        started = time.time_ns()
+        digest, _ = _stream_digest(f)
+        if file_identity(os.fstat(f.fileno())) != identity:
+            raise StateError(f"{path}: the file changed while its checksum was being verified")
+    _check_digest(path, entry, digest, size)
+    if started - identity[3] >= _SETTLED_NS:
+        _VERIFIED[identity] = digest
+    return LinkedFile(path, digest, size, identity)
+
+
+def _place_linked(source: LinkedFile, target: Path) -> None:
+    """Puts ``source`` at ``target`` by hard link (a copy through ``write_file`` where linking
+    fails, e.g. across filesystems), fsynced, and checks that it holds the bytes the manifest will
+    list: a link whose identity equals the one verified is the same inode, unwritten since, so it
+    is trusted without reading it; anything else (a copy, or a source touched since) is hashed."""
+    try:
+        os.link(source.path, target, follow_symlinks=False)
+    except OSError:
+        try:
+            f, _ = _open_regular(source.path)
+        except FileNotFoundError:
+            raise StateError(f"{source.path}: a file the new state reuses is missing") from None
+        with f:
+            written = write_file(target, iter(lambda: f.read(_CHUNK), b""))
+        digest, size = written["sha256"], written["bytes"]
+    else:
+        info = os.lstat(target)
+        if stat.S_ISREG(info.st_mode) and file_identity(info) == source.identity:
+            fsync_path(target)
+            return
+        f, size = _open_regular(target)
+        with f:
+            digest, _ = _stream_digest(f)
+        fsync_path(target)
+    if size != source.bytes or digest != source.sha256:
+        raise StateError(
+            f"{source.path}: the file the new state reuses was altered since it was verified "
+            f"(expected sha256 {source.sha256} and {source.bytes} bytes, found {digest} and {size} bytes)"
         )
 
 
@@ -522,15 +637,25 @@ def write_state(
     manifest: dict[str, Any],
     json_files: dict[str, Any],
     tensor_files: dict[str, dict[str, torch.Tensor]],
+    linked_files: dict[str, LinkedFile] | None = None,
 ) -> Path:
     """Writes a complete state folder atomically: into a hidden temporary sibling, every file and
     the folder fsynced, then renamed into place. An existing ``folder`` is replaced only if it is a
     retain state folder (checked again here, under the caller's lock). ``manifest`` gets
-    ``format``, ``format_version`` and ``files`` filled in here."""
+    ``format``, ``format_version`` and ``files`` filled in here.
+
+    ``linked_files`` maps names to verified files of other state folders that the new state reuses
+    (``StateFolder.mapped_file``): they are hard-linked (copied across filesystems) into the
+    temporary folder after the other files and listed with their verified sha256 and size, so
+    reusing them costs no rewrite; one altered since it was verified is refused."""
     folder = resolved(folder)
-    for name in [*json_files, *tensor_files]:
+    linked_files = dict(linked_files or {})
+    for name in [*json_files, *tensor_files, *linked_files]:
         if not FILE_NAME.fullmatch(name) or name == MANIFEST:
             raise ValueError(f"invalid state file name {name!r}")
+    both = sorted((set(json_files) | set(tensor_files)) & set(linked_files))
+    if both:
+        raise ValueError(f"state files given both as contents and as linked files: {both}")
     reason = not_a_state_folder(folder)
     if reason is not None:
         raise StateError(f"refusing to replace {printable(folder)}: {reason}")
@@ -544,6 +669,9 @@ def write_state(
             files[name] = write_file(tmp / name, [json_bytes(obj)])
         for name, tensors in tensor_files.items():
             files[name] = write_file(tmp / name, safetensors_chunks(tensors))
+        for name, source in linked_files.items():
+            _place_linked(source, tmp / name)
+            files[name] = {"sha256": source.sha256, "bytes": source.bytes}
         manifest = dict(manifest, format=FORMAT_NAME, format_version=FORMAT_VERSION, files=dict(sorted(files.items())))
         validate_manifest(manifest, folder)
         write_file(tmp / MANIFEST, [json_bytes(manifest)])
@@ -642,7 +770,9 @@ def _read_manifest(folder: Path) -> dict[str, Any]:
 class StateFolder:
     """A verified state folder. On opening, the manifest is checked and every listed file is
     checksummed by streaming (nothing is kept but the small JSON files); ``tensors(name)`` then reads
-    a file straight into its tensors, verifying its checksum again as it reads."""
+    a file straight into its tensors, verifying its checksum again as it reads. Mapped files
+    (``is_mapped_file``) are checksummed the same way once and never read again here:
+    ``mapped_file(name)`` hands out their verified path and identity for a memory map."""
 
     def __init__(self, folder: str | Path) -> None:
         self.path = Path(folder)
@@ -663,8 +793,12 @@ class StateFolder:
                 f"{self.path}: unexpected files not listed in the manifest: {printable(sorted(unexpected)[:10])}"
             )
         self._json: dict[str, bytes] = {}
+        self._mapped: dict[str, LinkedFile] = {}
         for name, entry in self.manifest["files"].items():
             path = self.path / name
+            if is_mapped_file(name):
+                self._mapped[name] = _verify_mapped(path, entry)
+                continue
             f, size = _open_regular(path)
             with f:
                 if size != entry["bytes"]:
@@ -674,18 +808,22 @@ class StateFolder:
                     )
                 if name.endswith(".json") and size > MAX_JSON_BYTES:
                     raise StateError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not a state JSON file")
-                h, kept = hashlib.sha256(), []
-                while chunk := f.read(_CHUNK):
-                    h.update(chunk)
-                    if name.endswith(".json"):
-                        kept.append(chunk)
-                _check_digest(path, entry, h.hexdigest(), size)
-            if name.endswith(".json"):
-                self._json[name] = b"".join(kept)
+                digest, kept = _stream_digest(f, keep=name.endswith(".json"))
+                _check_digest(path, entry, digest, size)
+            if kept is not None:
+                self._json[name] = kept
 
     def has(self, name: str) -> bool:
-        """Whether the state lists the file ``name`` (the manifest itself is not one of its files)."""
+        """Whether the state lists the file ``name``: a JSON, tensor or mapped file (the manifest
+        itself is not one of its files)."""
         return name in self.manifest["files"]
+
+    def mapped_file(self, name: str) -> LinkedFile:
+        """The verified path, sha256, size and identity of mapped file ``name``: open it by memory
+        map (checking the identity of what was opened) or pass it to ``write_state(linked_files=)``."""
+        if name not in self._mapped:
+            raise StateError(f"{self.path}: {name} is missing (not a mapped file of this state)")
+        return self._mapped[name]
 
     def json(self, name: str) -> Any:
         if name not in self._json:
@@ -703,6 +841,8 @@ class StateFolder:
         return {k: (dtype, shape) for k, (dtype, shape, _, _) in entries.items()}
 
     def tensors(self, name: str) -> dict[str, torch.Tensor]:
+        if name in self._mapped:
+            raise StateError(f"{self.path / name} is a mapped file: read it through mapped_file()")
         return read_safetensors(self.path / name, self._entry(name))
 
     def _entry(self, name: str) -> dict[str, Any]:

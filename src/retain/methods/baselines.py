@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import inspect
 import json
+import os
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -12,6 +14,7 @@ from torch.utils.data import Dataset
 
 import retain.nested as nested
 from retain.batching import NestedTensorDataset, materialize, unwrap_loader
+from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_name, chunk_tensors, map_chunk
 from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel
 from retain.nested import NestedTensors
@@ -23,6 +26,17 @@ from retain.options import (
     install_signature,
     option_docs,
     training_option_parameters,
+)
+from retain.state import (
+    MANIFEST,
+    LinkedFile,
+    StateError,
+    StateFolder,
+    file_identity,
+    is_mapped_file,
+    parse_json,
+    printable,
+    write_state,
 )
 from retain.updaters.base import SingleTrainingLoopUpdater
 
@@ -88,17 +102,45 @@ class JointLearner(Learner):
     """Keeps every item seen and, at each update, re-initialises the model and trains it from
     scratch on all of them: the upper bound.
 
-    This learner HOLDS DATA: every update reads its whole dataset into host memory (nested inputs
-    as one tensor per leaf, each padded to the longest item with its ``pad_values`` entry, default
-    0) and the state folder stores
-    all items seen so far (``learner.safetensors``). Size the data accordingly; the replay
-    methods stream.
+    The data is kept as one chunk per update (see ``retain.chunks``): each update's dataset is read
+    into host memory once (nested inputs as one tensor per leaf, each padded to the update's
+    longest item with its pad value, ``pad_values``), the chunks of earlier updates are
+    memory-mapped from the input state folder, and batches are gathered from the chunks (leaves
+    padded to the longest chunk's length), so no update concatenates or rewrites the data of the
+    earlier ones. The state folder holds one file per chunk; later states hard-link them.
     """
 
     def __init__(self, **kwargs: Any) -> None:
         super().__init__(**kwargs)
-        self.seen_inputs: NestedTensors | None = None
-        self.seen_targets: Tensor | None = None
+        self.chunks: list[tuple[NestedTensors, Tensor]] = []  # (inputs, targets) per update, in update order
+        self.chunk_sources: list[LinkedFile | None] = []  # the verified file holding each chunk, if any
+        self.loaded_chunk_names: list[str] = []
+        self.loaded_structure: str = ""  # learner.json's input_structure, as read
+        self.loaded_pad_values: str = ""
+
+    @property
+    def chunk_names(self) -> list[str]:
+        return [chunk_name(i) for i in range(len(self.chunks))]
+
+    @property
+    def pad_values(self) -> dict[str, float]:
+        """The pad value of each variable-length input leaf (the ``pad_values`` option; others 0)."""
+        return dict(self.options.pad_values or {})
+
+    @property
+    def input_structure(self) -> str:
+        """``nested.structure`` of the inputs as JSON text (``""`` before any data)."""
+        return json.dumps(nested.structure(self.chunks[0][0])) if self.chunks else ""
+
+    @property
+    def seen_inputs(self) -> NestedTensors | None:
+        """All inputs kept so far, concatenated and padded (a copy of all data: for inspection, not training)."""
+        return nested.cat([x for x, _ in self.chunks], self.pad_values) if self.chunks else None
+
+    @property
+    def seen_targets(self) -> Tensor | None:
+        """All targets kept so far, concatenated."""
+        return torch.cat([y for _, y in self.chunks]) if self.chunks else None
 
     def on_model_update_start(
         self,
@@ -108,48 +150,173 @@ class JointLearner(Learner):
         val_dataset_collate_fn: Any = None,
         task_id: str | None = None,
     ) -> None:
+        # One chunk per update done: drop the chunk of an earlier attempt of this update that
+        # passed the checks but did not finish (e.g. its loss became NaN).
+        del self.chunks[self.updates_done :], self.chunk_sources[self.updates_done :]
         dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
-        pads = self.options.pad_values
-        inputs, targets = materialize(dataset, collate_fn, pad_values=pads)
-        inputs, targets = nested.to_device(inputs, "cpu"), targets.cpu()
-        if self.seen_inputs is not None and self.seen_targets is not None:
-            check_joinable(inputs, self.seen_inputs)
-            inputs = nested.cat([self.seen_inputs, inputs], pads)
-            targets = torch.cat([self.seen_targets, targets.to(self.seen_targets.dtype)])
+        inputs, targets = materialize(dataset, collate_fn, pad_values=self.pad_values)
+        inputs = nested.map_leaves(lambda t: _own_contiguous(t.detach().cpu()), inputs)
+        targets = _own_contiguous(targets.detach().cpu())
+        if self.chunks:
+            first_x, first_y = self.chunks[0]
+            check_joinable(inputs, first_x)
+            if nested.structure(inputs) != nested.structure(first_x):
+                raise ValueError(
+                    f"train_dataset: inputs of structure {nested.structure(inputs)} cannot join the "
+                    f"{nested.structure(first_x)} of earlier updates"
+                )
+            targets = _own_contiguous(targets.to(first_y.dtype))
+        # The checks (labels, NaN, shape against the model) run on the new data; the earlier
+        # chunks passed them in their own updates and are verified by checksum.
         super().on_model_update_start(
             NestedTensorDataset(inputs, targets), val_dataset, None, val_dataset_collate_fn, task_id
         )
-        self.seen_inputs, self.seen_targets = inputs, targets  # kept only once the data passed the checks
+        self.chunks.append((inputs, targets))  # kept only once the data passed the checks
+        self.chunk_sources.append(None)
+        data = ChunkedDataset(self.chunks, self.pad_values)
+        self._train_source = ChunkedBatchSource(  # type: ignore[assignment]
+            data, self.train_batch_size, self.device, shuffle=True, generator=self.generator
+        )
+        if self.options.mask_unused_classes and self.options.update_classes is None:
+            mask = torch.zeros(self.model.num_outputs, dtype=torch.bool, device=self.device)
+            mask[data.targets.unique().to(self.device)] = True  # every class of every chunk
+            self._class_mask = mask
         reset_parameters(self.model)
+
+    def use_train_shard(self, indices: Tensor, batch_size: int) -> None:
+        source = self.train_dataloader()
+        assert isinstance(source, ChunkedBatchSource)
+        self._train_source = ChunkedBatchSource(  # type: ignore[assignment]
+            source.dataset, batch_size, self.device, shuffle=True, generator=self.generator, indices=indices
+        )
 
     def on_save_checkpoint(self, checkpoint: Checkpoint) -> None:
         super().on_save_checkpoint(checkpoint)
-        structure = ""
-        if self.seen_inputs is not None and self.seen_targets is not None:
-            if isinstance(self.seen_inputs, Tensor):
-                checkpoint["tensors"]["seen_inputs"] = self.seen_inputs
-            else:
-                structure = json.dumps(nested.structure(self.seen_inputs))
-                for path, leaf in nested.leaves(self.seen_inputs):
-                    checkpoint["tensors"][f"seen_inputs.{path}"] = leaf
-            checkpoint["tensors"]["seen_targets"] = self.seen_targets
-        checkpoint["json"]["seen_inputs_structure"] = structure
+        checkpoint["json"]["chunks"] = self.chunk_names
+        checkpoint["json"]["input_structure"] = self.input_structure
+        checkpoint["json"]["pad_values"] = json.dumps(dict(sorted(self.pad_values.items()))) if self.chunks else ""
 
     def on_load_checkpoint(self, checkpoint: Checkpoint) -> None:
         super().on_load_checkpoint(checkpoint)
-        tensors = checkpoint["tensors"]
-        structure = checkpoint["json"].get("seen_inputs_structure", "")
-        self.seen_targets = tensors.get("seen_targets")
-        if structure:
-            prefix = "seen_inputs."
-            flat = {k[len(prefix) :]: v for k, v in tensors.items() if k.startswith(prefix)}
-            self.seen_inputs = nested.unflatten(json.loads(structure), flat)
-        else:
-            self.seen_inputs = tensors.get("seen_inputs")
+        self.loaded_chunk_names = [str(n) for n in checkpoint["json"]["chunks"]]
+        self.loaded_structure = str(checkpoint["json"]["input_structure"])
+        self.loaded_pad_values = str(checkpoint["json"]["pad_values"])
+
+    def _loaded_structure(self, where: Path) -> Any:
+        """The input structure learner.json records, checked (StateError naming the file)."""
+        if not self.loaded_chunk_names:
+            if self.loaded_structure or self.loaded_pad_values:
+                raise StateError(f"{where}: input_structure and pad_values must be empty without chunks")
+            return None
+        structure = parse_json(self.loaded_structure.encode(), f"{where} (input_structure)")
+        try:
+            nested.structure_paths(structure)
+        except ValueError as err:
+            raise StateError(f"{where}: input_structure: {err}") from None
+        pads = json.dumps(dict(sorted(self.pad_values.items())))
+        if self.loaded_pad_values != pads:
+            raise StateError(
+                f"{where}: the chunks were padded with pad_values {printable(self.loaded_pad_values)}, "
+                f"this update pads with {pads}"
+            )
+        return structure
+
+    def attach_chunks(self, state: StateFolder) -> None:
+        """Maps the chunks that ``learner.json`` of ``state`` lists (after ``on_load_checkpoint``),
+        refusing with a StateError naming the file a chunk that is missing, altered or malformed."""
+        where = state.path / "learner.json"
+        names = self.loaded_chunk_names
+        if names != [chunk_name(i) for i in range(len(names))] or len(names) != self.updates_done:
+            raise StateError(
+                f"{where}: chunks must be {chunk_name(0)} ... one per update done ({self.updates_done}), "
+                f"got {printable(names[:10])}"
+            )
+        listed = sorted(n for n in state.manifest["files"] if is_mapped_file(n))
+        if listed != names:
+            raise StateError(
+                f"{state.path / 'manifest.json'}: the data chunk files {printable(listed[:10])} differ from those "
+                f"of learner.json {printable(names[:10])}"
+            )
+        structure = self._loaded_structure(where)
+        chunks: list[tuple[NestedTensors, Tensor]] = []
+        sources: list[LinkedFile | None] = []
+        num_classes = int(getattr(self.model, "num_outputs", 0))
+        for name in names:
+            source = state.mapped_file(name)
+            x, y = map_chunk(source, structure)
+            if chunks:
+                first_x, first_y = chunks[0]
+                for (path, leaf), (_, kept) in zip(nested.leaves(x), nested.leaves(first_x), strict=True):
+                    if leaf.dtype != kept.dtype or leaf.dim() != kept.dim():
+                        raise StateError(
+                            f"{source.path}: inputs{'.' + path if path else ''} {leaf.dtype} {tuple(leaf.shape[1:])} "
+                            f"differs from the {kept.dtype} {tuple(kept.shape[1:])} of {names[0]}"
+                        )
+                if y.dtype != first_y.dtype:
+                    raise StateError(f"{source.path}: {y.dtype} targets differ from the {first_y.dtype} of {names[0]}")
+            y = y.clone()  # small: read now, right after the checksum, and checked once
+            if y.numel() and num_classes and (int(y.min()) < 0 or int(y.max()) >= num_classes):
+                raise StateError(f"{source.path}: targets must lie in [0, {num_classes - 1}]")
+            chunks.append((x, y))
+            sources.append(source)
+        self.chunks, self.chunk_sources = chunks, sources
+
+    def chunk_files(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
+        """The chunks for a state folder: those read from a file as linked files (``write_state``
+        links them and refuses one whose file was altered since it was verified), the others (the
+        new chunk, or one whose file was deleted since it was mapped) as tensors to write."""
+        tensors: dict[str, dict[str, Tensor]] = {}
+        linked: dict[str, LinkedFile] = {}
+        for name, (x, y), source in zip(self.chunk_names, self.chunks, self.chunk_sources, strict=True):
+            if source is not None and source.path.exists():
+                linked[name] = source
+            else:
+                tensors[name] = chunk_tensors(x, y)
+        return tensors, linked
+
+    def chunks_written(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Records the chunk files just written into ``folder``, so that later states link them."""
+        for i, name in enumerate(self.chunk_names):
+            if self.chunk_sources[i] is None:
+                path = folder / name
+                entry = manifest["files"][name]
+                self.chunk_sources[i] = LinkedFile(path, entry["sha256"], entry["bytes"], file_identity(os.stat(path)))
+
+
+def _own_contiguous(t: Tensor) -> Tensor:
+    """``t`` as a contiguous tensor owning exactly its storage (not a view of a larger one)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
 
 
 class JointModelUpdater(_BaselineModelUpdater):
-    """Joint training on all data seen so far: it holds every item in memory and in the state
-    folder (one tensor entry per input leaf plus the targets), see ``JointLearner``."""
+    """Joint training on all data seen so far, kept in the state folder as one chunk file per
+    update (``chunk_000000.safetensors``, ...) that later states hard-link instead of rewriting;
+    see ``JointLearner``."""
 
     learner_class = JointLearner
+    learner: JointLearner
+
+    def _load_learner_state(self, state: StateFolder) -> None:
+        super()._load_learner_state(state)
+        if self.learner._train_source is not None:
+            # An update in progress restores its resume checkpoint: it keeps the chunks it holds
+            # (the checkpoint's fingerprint covers the input state and the new data).
+            held = (self.learner.chunk_names, self.learner.input_structure)
+            if (self.learner.loaded_chunk_names, self.learner.loaded_structure) != held:
+                raise StateError(
+                    f"{state.path / 'learner.json'}: chunks {printable(self.learner.loaded_chunk_names[:10])} "
+                    f"differ from the update's {self.learner.chunk_names[:10]}"
+                )
+            return
+        self.learner.attach_chunks(state)
+
+    def save_state(self, folder: str | Path) -> Path:
+        """Writes the state with the new chunk as a file and the earlier ones hard-linked."""
+        manifest, json_files, tensor_files = self.state_payload()
+        chunk_files, linked = self.learner.chunk_files()
+        written = write_state(folder, manifest, json_files, {**tensor_files, **chunk_files}, linked_files=linked)
+        self.learner.chunks_written(written, parse_json((written / MANIFEST).read_bytes(), written / MANIFEST))
+        return written
