@@ -166,3 +166,13 @@ def test_sampling_cost_does_not_depend_on_the_number_of_items(k: int) -> None:
         assert max(numel for _, numel in recorder.ops) <= max(k * k, 2 * k + 2), recorder.ops
         traces.append(recorder.ops)
     assert traces[0] == traces[1]
+
+
+def test_drawing_no_item_or_every_item_is_allowed_and_more_is_refused() -> None:
+    from retain.memory import sample_without_replacement
+
+    g = torch.Generator().manual_seed(0)
+    assert sample_without_replacement(10, 0, g).numel() == 0
+    assert sorted(sample_without_replacement(10, 10, g).tolist()) == list(range(10))
+    with pytest.raises(ValueError, match="cannot draw 11 distinct items out of 10"):
+        sample_without_replacement(10, 11, g)

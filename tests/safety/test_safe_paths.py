@@ -307,3 +307,25 @@ def test_an_output_changed_on_the_updater_is_checked_and_locked(tmp_path: Path, 
         updater.update(chunk)
     updater.update(chunk)
     assert StateFolder(tmp_path / "b").manifest["updates_done"] == 2  # the refused updates trained nothing
+
+
+def test_the_output_lock_is_reentrant_and_released_by_its_last_holder(tmp_path: Path) -> None:
+    lock = OutputLock(tmp_path / "out")
+    lock.acquire()
+    lock.acquire()  # the updater takes it again for its update
+    lock.release()
+    assert lock.held and (tmp_path / ".out.lock").exists()
+    with pytest.raises(StateLockedError, match="another update"):
+        OutputLock(tmp_path / "out").acquire()
+    lock.release()
+    assert not lock.held and not (tmp_path / ".out.lock").exists()
+    OutputLock(tmp_path / "out").acquire().release()  # free again
+
+
+@pytest.mark.parametrize("name", ["Bad.json", "manifest.json", "../x.json", "a.pkl"])
+def test_write_state_refuses_file_names_that_are_not_plain_state_files(tmp_path: Path, name: str) -> None:
+    manifest = {"retain_version": "x", "method": "m", "model": {"class": "c", "hyperparameters": {}, "task_ids": []},
+                "method_options": {}, "options": {}, "updates_done": 0, "task_ids_seen": []}  # fmt: skip
+    with pytest.raises(ValueError, match="invalid state file name"):
+        write_state(tmp_path / "s", manifest, {name: {}}, {})
+    assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
