@@ -10,7 +10,7 @@ middle of training.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
 import torch
@@ -71,15 +71,31 @@ def accuracy(
         raise ValueError("classes must name at least one class")
 
     device = _device_of(model)
+    rows = (slice(i, i + batch_size) for i in range(0, n, batch_size))
+    batches = ((inputs[r].to(device, non_blocking=True), targets[r].to(device, non_blocking=True)) for r in rows)
+    correct, _ = _count_correct(model, batches, transform, task_id, classes)
+    return correct / n
+
+
+def _count_correct(
+    model: nn.Module,
+    batches: Iterable[tuple[Any, Tensor]],
+    transform: Callable[[Any], Any] | None,
+    task_id: Any,
+    classes: Sequence[int] | None,
+) -> tuple[int, int]:
+    """(correct predictions, items) over ``batches`` on the model's device, counted on the device
+    and synchronised once; the model is scored in eval mode and each module's mode restored."""
+    device = _device_of(model)
     modes = [(m, m.training) for m in model.modules()]
     keep: Tensor | None = None
     correct = torch.zeros((), dtype=torch.int64, device=device)
+    items = 0
     try:
         model.eval()
         with torch.inference_mode():
-            for start in range(0, n, batch_size):
-                x = inputs[start : start + batch_size].to(device, non_blocking=True)
-                y = targets[start : start + batch_size].to(device, non_blocking=True).reshape(-1)
+            for x, y in batches:
+                y = y.reshape(-1)
                 if transform is not None:
                     x = transform(x)
                 logits = forward_logits(model, x, task_id)
@@ -89,10 +105,11 @@ def accuracy(
                         keep[torch.as_tensor(list(classes), dtype=torch.long, device=device)] = True
                     logits = logits.masked_fill(~keep, float("-inf"))
                 correct += (logits.argmax(dim=-1) == y).sum()
+                items += int(y.shape[0])
     finally:
         for m, was_training in modes:
             m.training = was_training
-    return correct.item() / n
+    return int(correct.item()), items
 
 
 def accuracy_on_dataset(
@@ -120,31 +137,11 @@ def accuracy_on_dataset(
         raise ValueError("classes must name at least one class")
     dataset, collate_fn, loading = unwrap_loader(dataset, collate_fn, LoaderOptions(num_workers=num_workers))
     device = _device_of(model)
-    modes = [(m, m.training) for m in model.modules()]
-    keep: Tensor | None = None
-    correct = torch.zeros((), dtype=torch.int64, device=device)
-    items = 0
-    try:
-        model.eval()
-        with torch.inference_mode():
-            for x, y in iter_batches(dataset, batch_size, collate_fn, device, loading, where="test dataset"):
-                y = y.reshape(-1)
-                if transform is not None:
-                    x = transform(x)
-                logits = forward_logits(model, x, task_id)
-                if classes is not None:
-                    if keep is None:
-                        keep = torch.zeros(logits.shape[-1], dtype=torch.bool, device=device)
-                        keep[torch.as_tensor(list(classes), dtype=torch.long, device=device)] = True
-                    logits = logits.masked_fill(~keep, float("-inf"))
-                correct += (logits.argmax(dim=-1) == y).sum()
-                items += int(y.shape[0])
-    finally:
-        for m, was_training in modes:
-            m.training = was_training
+    batches = iter_batches(dataset, batch_size, collate_fn, device, loading, where="test dataset")
+    correct, items = _count_correct(model, batches, transform, task_id, classes)
     if items == 0:
         raise ValueError("cannot compute accuracy on an empty dataset")
-    return correct.item() / items, items
+    return correct / items, items
 
 
 def accuracy_row(
