@@ -61,6 +61,29 @@ if op in ("write", "raw"):
         save_file(t, str(path))
         fd = os.open(path, os.O_RDONLY); os.fsync(fd); os.close(fd)
     seconds = time.perf_counter() - started
+elif op == "memwrite":  # a real memory state, as an updater saves it
+    from retain.memory import ReservoirMemory
+    m = ReservoirMemory(items, seed=0)
+    t = tensors()
+    m.add(t["inputs"], t["targets"], {"logits": t["metadata.logits"]})
+    meta, state = m.state_dict(copy=False)
+    del t, m
+    size, seconds, before = 0, 0.0, rss()
+    write_state(folder, manifest, {"memory.json": meta}, {"memory.safetensors": state})
+elif op == "memload":  # read into the memory's columns, as an updater loads it
+    from retain.memory import ReservoirMemory
+    size = (folder / "memory.safetensors").stat().st_size
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    before = rss()
+    started = time.perf_counter()
+    state = StateFolder(folder)
+    m = ReservoirMemory(items, seed=0)
+    meta = state.json("memory.json")
+    t = state.tensors("memory.safetensors", into=m.load_buffers(meta, state.tensor_header("memory.safetensors")))
+    m.load_state_dict(meta, t, num_classes=10)
+    del t, state
+    seconds = time.perf_counter() - started
 else:
     size = (folder / "memory.safetensors").stat().st_size
     with open("/proc/self/clear_refs", "w") as f:
@@ -89,19 +112,22 @@ def state_io_rows(items_list: list[int], where: str | None = None) -> list[str]:
         "retain beside a raw safetensors save + fsync, each in a fresh process",
         "",
         "| memory items | state MB | write s (MB/s) | raw safetensors save + fsync s | write / raw speed "
-        "| write peak extra | read s (MB/s) | read peak extra |",
-        "|---|---|---|---|---|---|---|---|",
+        "| write peak extra | read s (MB/s) | read peak extra | load into a ReservoirMemory s | its peak extra |",
+        "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for items in items_list:
         with tempfile.TemporaryDirectory(dir=where) as tmp:
             raw = run("raw", items, Path(tmp) / "raw")
             write = run("write", items, Path(tmp) / "state")
             read = run("read", items, Path(tmp) / "state")
+            run("memwrite", items, Path(tmp) / "memory")
+            load = run("memload", items, Path(tmp) / "memory")
         mb = write["bytes"] / 1e6
         lines.append(
             f"| {items:,} | {mb:,.0f} | {write['seconds']:.2f} ({mb / write['seconds']:,.0f}) | {raw['seconds']:.2f} "
             f"| {raw['seconds'] / write['seconds']:.0%} | {write['peak_extra'] / write['bytes']:.2f}x "
-            f"| {read['seconds']:.2f} ({mb / read['seconds']:,.0f}) | {read['peak_extra'] / read['bytes']:.2f}x |"
+            f"| {read['seconds']:.2f} ({mb / read['seconds']:,.0f}) | {read['peak_extra'] / read['bytes']:.2f}x "
+            f"| {load['seconds']:.2f} | {load['peak_extra'] / load['bytes']:.2f}x |"
         )
     return lines
 

@@ -218,6 +218,7 @@ class ReservoirMemory:
         self.generator.manual_seed(int(seed))
         self._orders: dict[int, Tensor] = {}  # arange(n) per batch size, reused by every write
         self._last_writer: Tensor | None = None  # scratch of reservoir_slots (never read before written)
+        self._prepared: dict[str, Tensor] = {}  # columns a state is being read into (load_buffers)
 
     def __len__(self) -> int:
         return min(self.seen, self.memory_size)
@@ -257,12 +258,13 @@ class ReservoirMemory:
     def _alloc(self, shape: tuple[int, ...], dtype: torch.dtype, fill: float = 0) -> Tensor:
         return torch.full(shape, fill, dtype=dtype, device=self.storage_device, pin_memory=self._pin)
 
-    def _rows_for(self, rows: int) -> int:
-        """The capacity to hold ``rows`` rows: geometric growth from INITIAL_ROWS, capped at M + 1."""
+    def _rows_for(self, rows: int, current: int | None = None) -> int:
+        """The capacity to hold ``rows`` rows: geometric growth from INITIAL_ROWS (or from the
+        ``current`` capacity, by default this memory's), capped at M + 1."""
         cap = self.memory_size + 1
         if self.preallocate:
             return cap
-        new = max(self.capacity, min(INITIAL_ROWS, cap))
+        new = max(self.capacity if current is None else current, min(INITIAL_ROWS, cap))
         while new < rows:
             new = min(2 * new, cap)
         return new
@@ -519,6 +521,7 @@ class ReservoirMemory:
         finite floating-point values, the generator state, and pad values equal to this memory's.
         States written before nested inputs (no ``input_structure``) load as a single tensor.
         """
+        prepared, self._prepared = self._prepared, {}  # dropped whatever happens next
         plan = self._validate_state(meta, tensors, num_classes, required_metadata)
         struct, leaves, pads, names, seen, filled = plan
         generator = torch.Generator(device=self.storage_device)
@@ -539,15 +542,48 @@ class ReservoirMemory:
             return
         rows = self._rows_for(filled if seen <= self.memory_size else self.memory_size + 1)
 
-        def column(value: Tensor, fill: float) -> Tensor:
+
+        def column(key: str, fill: float) -> Tensor:
+            value = tensors[key]
+            full = prepared.get(key)  # the tensor was read straight into this column (see load_buffers)
+            if (
+                full is not None and full.shape[0] == rows and full.shape[1:] == value.shape[1:]
+                and full.dtype == value.dtype and full.data_ptr() == value.data_ptr()
+            ):  # fmt: skip
+                return full
             out = self._alloc((rows, *value.shape[1:]), value.dtype, fill)
             out[:filled] = value
             return out
 
-        self.columns = {p: column(tensors[_input_key(p)], pads.get(p, 0)) for p in leaves}
-        self.targets = column(tensors["targets"], 0)
-        self.metadata = {n: column(tensors[f"metadata.{n}"], 0) for n in names}
+        self.columns = {p: column(_input_key(p), pads.get(p, 0)) for p in leaves}
+        self.targets = column("targets", 0)
+        self.metadata = {n: column(f"metadata.{n}", 0) for n in names}
         self.structure = struct
+
+    def load_buffers(self, meta: Any, header: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> dict[str, Tensor]:
+        """Where to read a state's tensors (``retain.state.StateFolder.tensors(..., into=)``): views
+        of the host columns ``load_state_dict`` will adopt, so that loading a memory holds it once,
+        not twice. From ``meta`` and the file's header only (names, dtypes, shapes); a tensor whose
+        row count is not ``min(seen, memory_size)`` gets no buffer, and ``load_state_dict`` still
+        validates everything. Nothing for a memory on an accelerator (read, then copied there)."""
+        self._prepared = {}
+        seen = meta.get("seen") if isinstance(meta, dict) else None
+        if self.storage_device.type != "cpu" or not isinstance(seen, int) or isinstance(seen, bool) or seen < 0:
+            return {}
+        filled = min(seen, self.memory_size)
+        if filled == 0:
+            return {}
+        rows = self._rows_for(filled if seen <= self.memory_size else self.memory_size + 1, current=0)
+        out: dict[str, Tensor] = {}
+        for key, (dtype, shape) in header.items():
+            if key == "generator_state" or not shape or shape[0] != filled:
+                continue
+            path = key[len("inputs.") :] if key.startswith("inputs.") else ""
+            fill = self.pad_values.get(path, 0) if key.startswith("inputs") else 0
+            full = self._alloc((rows, *shape[1:]), dtype, fill)
+            self._prepared[key] = full
+            out[key] = full[:filled]
+        return out
 
     def _validate_state(
         self,
@@ -678,7 +714,7 @@ class ReservoirMemory:
         return struct, paths, pads, list(names), seen, filled
 
 
-def _all_finite(value: Tensor, chunk_bytes: int = 64 << 20) -> bool:
+def _all_finite(value: Tensor, chunk_bytes: int = 8 << 20) -> bool:
     """``isfinite(value).all()`` in chunks of rows (no temporary the size of a large memory)."""
     if value.numel() == 0:
         return True

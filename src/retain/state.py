@@ -411,16 +411,26 @@ def _place_linked(source: LinkedFile, target: Path) -> None:
         )
 
 
-def read_safetensors(path: Path, entry: dict[str, Any]) -> dict[str, torch.Tensor]:
+def read_safetensors(
+    path: Path, entry: dict[str, Any], into: dict[str, torch.Tensor] | None = None
+) -> dict[str, torch.Tensor]:
     """Reads a verified safetensors file straight into its tensors, hashing the bytes as they come;
-    refuses it (StateError) if they no longer match ``entry`` (sha256 and size)."""
+    refuses it (StateError) if they no longer match ``entry`` (sha256 and size). ``into`` may name
+    contiguous CPU tensors of the exact dtype and shape to read a tensor into (e.g. a view of the
+    memory column it is loaded into), so that loading makes no second copy."""
     f, size = _open_regular(path)
     with f:
         if size != entry["bytes"]:
             raise StateError(f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size})")
         head, entries = read_safetensors_header(f, size, path)
         h = hashlib.sha256(head)
-        tensors = {name: torch.empty(shape, dtype=dtype) for name, (dtype, shape, _, _) in entries.items()}
+        given = into or {}
+        tensors = {}
+        for name, (dtype, shape, _, _) in entries.items():
+            dest = given.get(name)
+            fits = dest is not None and dest.dtype == dtype and tuple(dest.shape) == shape
+            fits = fits and dest.device.type == "cpu" and dest.is_contiguous()
+            tensors[name] = dest if fits else torch.empty(shape, dtype=dtype)
         for name in sorted(entries, key=lambda n: entries[n][2]):
             view = _tensor_bytes(tensors[name])
             for start in range(0, len(view), _CHUNK):
@@ -840,10 +850,11 @@ class StateFolder:
             _, entries = read_safetensors_header(f, size, self.path / name)
         return {k: (dtype, shape) for k, (dtype, shape, _, _) in entries.items()}
 
-    def tensors(self, name: str) -> dict[str, torch.Tensor]:
+    def tensors(self, name: str, into: dict[str, torch.Tensor] | None = None) -> dict[str, torch.Tensor]:
+        """The tensors of file ``name``, read now (see ``read_safetensors`` for ``into``)."""
         if name in self._mapped:
             raise StateError(f"{self.path / name} is a mapped file: read it through mapped_file()")
-        return read_safetensors(self.path / name, self._entry(name))
+        return read_safetensors(self.path / name, self._entry(name), into)
 
     def _entry(self, name: str) -> dict[str, Any]:
         entry = self.manifest["files"].get(name)

@@ -178,3 +178,30 @@ def test_errors_say_whether_the_description_or_the_tensors_are_at_fault() -> Non
         assert info.value.in_json is in_json, str(info.value)
     with pytest.raises(MemoryStateError, match="field 'pad_values' is missing"):
         ReservoirMemory(6, pad_values={"ids": -1}).load_state_dict(*_edit(lambda m, t: m.pop("pad_values")))
+
+
+def test_a_state_is_read_straight_into_the_columns_it_loads_into(tmp_path) -> None:
+    """load_buffers + StateFolder.tensors(into=) hold a loaded memory once: the column adopted is the
+    buffer the file was read into, and the memory equals one loaded the plain way."""
+    from retain.state import StateFolder, write_state
+
+    source = ReservoirMemory(50, seed=3)
+    source.add(torch.rand(80, 2, 3), torch.arange(80) % 4, {"logits": torch.randn(80, 4)})
+    meta, tensors = source.state_dict()
+    manifest = {"retain_version": "t", "method": "m", "model": {"class": "c", "hyperparameters": {}, "task_ids": []},
+                "method_options": {}, "options": {}, "updates_done": 0, "task_ids_seen": []}  # fmt: skip
+    folder = write_state(tmp_path / "s", manifest, {"memory.json": meta}, {"memory.safetensors": tensors})
+    state = StateFolder(folder)
+    loaded = ReservoirMemory(50, seed=0)
+    buffers = loaded.load_buffers(meta, state.tensor_header("memory.safetensors"))
+    assert set(buffers) == {"inputs", "targets", "metadata.logits"}
+    read = state.tensors("memory.safetensors", into=buffers)
+    assert read["inputs"].data_ptr() == buffers["inputs"].data_ptr()
+    loaded.load_state_dict(meta, read, num_classes=4)
+    assert loaded.columns[""].data_ptr() == buffers["inputs"].data_ptr()  # adopted, not copied
+    plain = ReservoirMemory(50, seed=0)
+    plain.load_state_dict(meta, StateFolder(folder).tensors("memory.safetensors"), num_classes=4)
+    for name, value in plain.state_dict()[1].items():
+        assert torch.equal(value, loaded.state_dict()[1][name]), name
+    a, b = loaded.sample(7), plain.sample(7)
+    assert torch.equal(a.indices, b.indices) and torch.equal(a.inputs, b.inputs)

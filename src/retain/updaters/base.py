@@ -223,7 +223,9 @@ class ModelUpdater:
         if memory is None:
             return
         # The memory validates its own format (fields, dtypes, shapes, counters, columns, finiteness).
-        meta, memory_tensors = state.json("memory.json"), state.tensors("memory.safetensors")
+        meta = state.json("memory.json")
+        buffers = memory.load_buffers(meta, state.tensor_header("memory.safetensors"))
+        memory_tensors = state.tensors("memory.safetensors", into=buffers)  # read into the columns: held once
         num_classes = int(getattr(self.model, "num_outputs", 0)) or None
         required = self.learner.required_memory_metadata()
         try:
