@@ -939,12 +939,6 @@ def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
             raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 
-def check_model_weights(model: torch.nn.Module, weights: dict[str, torch.Tensor], where: str | Path) -> None:
-    """model.safetensors: the model's tensor names, shapes and dtypes exactly, all finite."""
-    check_tensor_specs(tensor_specs(weights), tensor_specs(model.state_dict()), where, "the model needs")
-    check_finite(weights, where)
-
-
 def check_tensors_roundtrip(
     loaded: dict[str, torch.Tensor], resaved: dict[str, torch.Tensor], where: str | Path
 ) -> None:

@@ -181,20 +181,10 @@ class ModelUpdater:
 
     def _load_model_weights(self, state: StateFolder) -> None:
         """Checks the weights file's header against the model (its task heads added) before reading it."""
-        where = state.path / "model.safetensors"
-        header = state.tensor_header("model.safetensors")
-        task_ids = state.manifest["model"]["task_ids"]
-        if len(task_ids) > len(header):
-            raise StateError(f"{where} holds {len(header)} tensors, too few for the {len(task_ids)} task heads listed")
-        for task_id in task_ids:
+        header = model_header(state)
+        for task_id in state.manifest["model"]["task_ids"]:
             self.model.add_task_params(task_id)
-        check_tensor_specs(header, tensor_specs(self.model.state_dict()), where, "the model needs")
-        weights = state.tensors("model.safetensors")
-        check_finite(weights, where)
-        try:
-            self.model.load_state_dict(weights, strict=True)
-        except RuntimeError as err:
-            raise StateError(f"{state.path / 'model.safetensors'} does not fit the model: {err}") from None
+        load_weights(state, self.model, header)
 
     def _load_learner_state(self, state: StateFolder) -> None:
         """Restores learner and memory, refusing (StateError naming the file) any JSON whose keys or
@@ -428,12 +418,9 @@ def _load_model_once(state_folder: str | Path, model: nn.Module | None) -> nn.Mo
 
     state = StateFolder(state_folder)
     where = state.path / "model.safetensors"
-    header = state.tensor_header("model.safetensors")
+    header = model_header(state)
     description = state.manifest["model"]
     float64 = any(dtype == torch.float64 for dtype, _ in header.values())  # written by a precision='64' update
-    if len(description["task_ids"]) > len(header):
-        heads = len(description["task_ids"])
-        raise StateError(f"{where} holds {len(header)} tensors, too few for the {heads} task heads listed")
     if model is not None:
         target = as_continual_model(model)
         mine = target.describe()
@@ -464,14 +451,32 @@ def _load_model_once(state_folder: str | Path, model: nn.Module | None) -> nn.Mo
             raise StateError(f"{state.path / MANIFEST}: cannot rebuild the recorded model: {printable(err)}") from None
     if float64:
         use_float64(target)
-    check_tensor_specs(header, tensor_specs(target.state_dict()), where, "the model needs")
+    load_weights(state, target, header)
+    return unwrap(target).eval()
+
+
+def model_header(state: StateFolder) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """The weights file's header, refused when it cannot hold the task heads the manifest lists
+    (checked before any head is built: a manifest of 300,000 task ids costs nothing)."""
+    header = state.tensor_header("model.safetensors")
+    heads = len(state.manifest["model"]["task_ids"])
+    if heads > len(header):
+        where = state.path / "model.safetensors"
+        raise StateError(f"{where} holds {len(header)} tensors, too few for the {heads} task heads listed")
+    return header
+
+
+def load_weights(state: StateFolder, model: nn.Module, header: dict[str, tuple[torch.dtype, tuple[int, ...]]]) -> None:
+    """Loads ``model.safetensors`` into ``model`` after its names, dtypes and shapes were checked
+    against ``header`` (nothing is read before that); NaN/Inf weights are refused."""
+    where = state.path / "model.safetensors"
+    check_tensor_specs(header, tensor_specs(model.state_dict()), where, "the model needs")
     weights = state.tensors("model.safetensors")
     check_finite(weights, where)
     try:
-        target.load_state_dict(weights, strict=True)
+        model.load_state_dict(weights, strict=True)
     except RuntimeError as err:
-        raise StateError(f"{where} does not fit the recorded model: {err}") from None
-    return unwrap(target).eval()
+        raise StateError(f"{where} does not fit the model: {err}") from None
 
 
 __all__ = ["ModelUpdater", "SingleTrainingLoopUpdater", "load_model", "model_device", "resolve_device"]
