@@ -44,15 +44,14 @@ def tensors():
     g = torch.Generator().manual_seed(0)
     return {"inputs": torch.rand(items, 3, 32, 32, generator=g), "targets": torch.randint(0, 10, (items,), generator=g),
             "metadata.logits": torch.randn(items, 10, generator=g)}
-with open("/proc/self/clear_refs", "w") as f:
-    pass
+def start():  # resets the peak RSS to the current RSS; returns (RSS now, clock now)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")
+    return rss(), time.perf_counter()
 if op in ("write", "raw"):
     t = tensors()
     size = sum(v.numel() * v.element_size() for v in t.values())
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")  # reset the peak RSS to the current RSS
-    before = rss()
-    started = time.perf_counter()
+    before, started = start()
     if op == "write":
         write_state(folder, manifest, {"memory.json": {"items": items}}, {"memory.safetensors": t})
     else:
@@ -73,10 +72,7 @@ elif op == "memwrite":  # a real memory state, as an updater saves it
 elif op == "memload":  # read into the memory's columns, as an updater loads it
     from retain.memory import ReservoirMemory
     size = (folder / "memory.safetensors").stat().st_size
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss()
-    started = time.perf_counter()
+    before, started = start()
     state = StateFolder(folder)
     m = ReservoirMemory(items, seed=0)
     meta = state.json("memory.json")
@@ -86,10 +82,7 @@ elif op == "memload":  # read into the memory's columns, as an updater loads it
     seconds = time.perf_counter() - started
 else:
     size = (folder / "memory.safetensors").stat().st_size
-    with open("/proc/self/clear_refs", "w") as f:
-        f.write("5")
-    before = rss()
-    started = time.perf_counter()
+    before, started = start()
     state = StateFolder(folder)
     t = state.tensors("memory.safetensors")
     del state
