@@ -439,13 +439,8 @@ class ResumeCheckpointer:
             "epochs_done": epochs_done,
             "history": flatten_tree(list(result.history))[0],
         }
-        scheduler = getattr(learner, "scheduler", None)
-        opt_json, opt_tensors = flatten_tree(
-            {
-                "optimizer": learner.optimizer.state_dict(),
-                "scheduler": scheduler.state_dict() if scheduler is not None else None,
-            }
-        )
+        assert result.optimization is not None
+        opt_json, opt_tensors = flatten_tree(result.optimization.state_dict())
         json_files[OPTIMIZER_JSON], tensor_files[OPTIMIZER_TENSORS] = opt_json, opt_tensors
         json_files[RNG_JSON], tensor_files[RNG_TENSORS] = global_rng_state()
         write_state(self.folder, manifest, json_files, tensor_files)

@@ -53,7 +53,8 @@ def test_the_scheduler_steps_at_its_interval(interval: str, steps: int) -> None:
         learning_rate_scheduler_interval=interval,
     )  # fmt: skip
     updater.update(data())
-    assert updater.learner.optimizer.param_groups[0]["lr"] == pytest.approx(0.5**steps)
+    assert updater.last_fit is not None and updater.last_fit.optimization is not None
+    assert updater.last_fit.optimization.optimizer.param_groups[0]["lr"] == pytest.approx(0.5**steps)
 
 
 @pytest.mark.parametrize("precision", ["32", "16-mixed"])

@@ -76,7 +76,7 @@ from torch.utils.data import Dataset
 from retain.memory import ReservoirMemory
 from retain.models.adapter import PlainModuleAdapter, unwrap
 from retain.models.base import ContinualModel, rebuild_model
-from retain.options import TrainingOptions
+from retain.options import TrainingOptions, update_seed
 from retain.state import StateFolder
 from retain.updaters.base import DDP_STRATEGIES, ModelUpdater, deterministic, seed_update, wants_ddp
 from retain.updaters.loop import FitResult
@@ -353,7 +353,7 @@ def run_rank(
         if getattr(learner.train_dataloader(), "is_stream", False):
             raise ValueError("train_dataset: an IterableDataset cannot be sharded over devices; use devices=1")
         indices = shard_indices(
-            len(learner.train_dataloader().dataset), rank, world, learner.seed * 1_000_003 + learner.updates_done
+            len(learner.train_dataloader().dataset), rank, world, update_seed(learner.seed, learner.updates_done)
         )
         learner.use_train_shard(indices, -(-new_batch_size // world))
         if full_memory is not None:
@@ -483,7 +483,7 @@ def _run_spawned_rank(rank: int, world_size: int, payload: _Payload) -> None:
             payload.val_dataset_collate_fn, payload.task_id, take_lock=False,
         )  # fmt: skip
         if rank == 0 and updater.last_fit is not None:
-            (Path(payload.work_dir) / "fit.json").write_text(json.dumps(dataclasses.asdict(updater.last_fit)))
+            (Path(payload.work_dir) / "fit.json").write_text(json.dumps(updater.last_fit.summary()))
     finally:
         dist.destroy_process_group()
 
