@@ -74,7 +74,7 @@ def test_update_serves_the_stable_copy_and_state_restores_all_models(tmp_path: P
     model = MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,))
     updater = cls_updater(model, output_state_folder=tmp_path / "s1")
     served = updater.update(make_data(40, seed=1))
-    component = updater.learner._components["cls_loss"]
+    component = updater.learner.built_components["cls_loss"]
     assert served is component.stable_model
     assert not states_equal(served, updater.learner.model)  # the stable copy is not the working model
     assert states_equal(load_model(tmp_path / "s1"), component.stable_model)
@@ -83,7 +83,7 @@ def test_update_serves_the_stable_copy_and_state_restores_all_models(tmp_path: P
     restored = cls_updater(
         MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), input_state_folder=tmp_path / "s1"
     )
-    restored_component = restored.learner._components["cls_loss"]
+    restored_component = restored.learner.built_components["cls_loss"]
     assert states_equal(restored.learner.model, updater.learner.model)  # working model from learner.safetensors
     assert states_equal(restored_component.stable_model, component.stable_model)
     assert states_equal(restored_component.plastic_model, component.plastic_model)
@@ -104,5 +104,5 @@ def test_equal_or_reversed_probabilities_are_valid(plastic: float, stable: float
         MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), optimizer=SGD, memory_size=10,
         accelerator="cpu", plastic_model_update_probability=plastic, stable_model_update_probability=stable,
     )  # fmt: skip
-    component = updater.learner._components["cls_loss"]
+    component = updater.learner.built_components["cls_loss"]
     assert (component.plastic_model_update_probability, component.stable_model_update_probability) == (plastic, stable)

@@ -216,7 +216,7 @@ def test_super_er_loss_is_the_weighted_sum_of_its_parts(normalization: int) -> N
     assert not queue  # three draws: DER's MSE (joined), DER++'s CE + CLS (shared), POD (fresh)
 
     b1, b2, b3 = fixed
-    cls = learner._components["cls_loss"]
+    cls = learner.built_components["cls_loss"]
     with torch.no_grad():
         ce_new = F.cross_entropy(model(x), y)
         mse = ((model(b1.inputs) - b1.metadata["logits"]) ** 2).mean()
@@ -306,7 +306,7 @@ def test_pod_is_live_and_reaches_the_backbone(backbone: str) -> None:
     run_update(learner, make_data(24, shape, [0, 1], seed=1))
     assert sorted(learner.memory.metadata) == sorted(pod_feature_name(i, "spatial") for i in range(layers))
     start_update(learner, make_data(16, shape, [2], seed=2))
-    component = learner._components["pod_loss"]
+    component = learner.built_components["pod_loss"]
     terms: list[Tensor] = []
     loss_fn: Callable = component.loss
 

@@ -93,7 +93,7 @@ def test_positional_prefix_is_the_specs_and_the_rest_is_keyword_only(cls: type) 
 
 def test_positional_method_option_lands_on_the_method_option() -> None:
     updater = CLSExperienceReplayModelUpdater(mlp(), None, SGD, 10, 0.5, 1.0, 1.0, 1, 0.3, 0.2, 0.9, 0.8, 0.6, 0.5)
-    c = updater.learner._components
+    c = updater.learner.built_components
     assert (c["memory_loss"].weight, c["cls_loss"].weight) == (0.3, 0.2)
     cls_loss = c["cls_loss"]
     assert (cls_loss.stable_model_update_weight, cls_loss.plastic_model_update_weight) == (0.9, 0.8)
@@ -178,7 +178,7 @@ def test_accepted_spec_values() -> None:
     assert build(ExperienceReplayModelUpdater, strategy=None).options.strategy == "auto"
     pod = build(PooledOutputDistillationExperienceReplayModelUpdater, distillation_type="pixel", max_epochs=2)
     pod.update(data())
-    assert pod.learner._components["pod_loss"].distillation_type == "pixel"
+    assert pod.learner.built_components["pod_loss"].distillation_type == "pixel"
 
 
 def test_pixel_pod_compares_every_squared_activation() -> None:
@@ -284,7 +284,7 @@ def test_dark_experience_replay_learner_is_an_experience_replay_learner() -> Non
     assert issubclass(DarkExperienceReplayLearner, ExperienceReplayLearner)
     learner = build(DarkExperienceReplayModelUpdater, alpha=0.2, beta=0.7).learner
     assert isinstance(learner, ExperienceReplayLearner)
-    c = learner._components
+    c = learner.built_components
     assert list(c) == ["mse_loss", "memory_loss"] and (c["mse_loss"].weight, c["memory_loss"].weight) == (0.2, 0.7)
 
 

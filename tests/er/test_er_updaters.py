@@ -123,7 +123,7 @@ def test_accepts_every_spec_keyword(updater_class: type) -> None:
 
 
 def components_of(updater: Any) -> dict[str, Any]:
-    return updater.learner._components
+    return updater.learner.built_components
 
 
 def built_with_defaults(updater_class: type) -> Any:

@@ -106,7 +106,7 @@ def build(method: str, lr: float = 0.05, model: MultiLayerPerceptron | None = No
 
 def components_of(updater: Any) -> dict[str, comp.Component]:
     """The learner's components by name (the names of the README's method table)."""
-    return dict(updater.learner._components)
+    return dict(updater.learner.built_components)
 
 
 class StepSpy:

@@ -14,6 +14,7 @@ thin class that names the method's own options. The step, for a new batch ``(x, 
 from __future__ import annotations
 
 import inspect
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -47,6 +48,74 @@ from retain.updaters.base import SingleTrainingLoopUpdater
 DEFAULT_MEMORY_SIZE = 500  # the spec requires memory_size; retain's updaters default to 500
 
 
+_NON_NEGATIVE = ("alpha", "beta", "der_alpha", "der_beta", "cls_alpha", "pod_alpha", "sp_sigma", "loss_weight")
+
+_CONTEXT = ("self", "model", "loss_fn")  # the components' arguments that come from the learner, not options
+
+
+def _install_learner_signature(cls: type[BaseExperienceReplayLearner]) -> None:
+    """Gives a method's learner the constructor its ``components`` defines: the method's options
+    (positional, in that order), then the base options by name, then the learner's arguments."""
+    base = inspect.signature(BaseExperienceReplayLearner.__init__).parameters
+    own = [
+        p.replace(kind=POSITIONAL_OR_KEYWORD)
+        for name, p in inspect.signature(cls.components).parameters.items()
+        if name not in _CONTEXT
+    ]
+    parameters = [
+        *own,
+        *(
+            base[name].replace(kind=KEYWORD_ONLY)
+            for name in ("loss_weight", "ema_memory_update_gamma", "loss_normalization")
+        ),
+        inspect.Parameter("kwargs", inspect.Parameter.VAR_KEYWORD),
+    ]
+
+    def build(self: BaseExperienceReplayLearner, kwargs: dict[str, Any], **arguments: Any) -> None:
+        BaseExperienceReplayLearner.__init__(self, **arguments, **kwargs)
+
+    docs = option_docs(cls, BaseExperienceReplayLearner) | {
+        "kwargs": "the learner's arguments: model, loss_fn, optimizer, memory_size, ... and the training options"
+    }
+    install_signature(cls, parameters, build, docs)
+
+
+def _check_method_options(options: dict[str, Any]) -> None:
+    """Refuses negative loss weights and a non-positive shrink factor before anything is built."""
+    for name in _NON_NEGATIVE:
+        if name in options and not float(options[name]) >= 0.0:
+            raise ValueError(f"{name} must be >= 0 (a loss weight), got {options[name]!r}")
+    if "sp_shrink_factor" in options and not float(options["sp_shrink_factor"]) > 0.0:
+        raise ValueError(
+            "sp_shrink_factor must be > 0 (1 keeps the weights, 0 would erase them), "
+            f"got {options['sp_shrink_factor']!r}"
+        )
+
+
+def _ce(loss_fn: nn.Module | None) -> nn.Module:
+    return loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
+
+
+@dataclass
+class NewItems:
+    """The new batch of a step as the memory stores it: raw (untransformed) inputs and targets,
+    and the detached logits / intermediate features when a component needs them stored."""
+
+    inputs: nested.NestedTensors
+    targets: Tensor
+    logits: Tensor | None
+    features: list[Tensor]
+
+
+@dataclass
+class Replayed:
+    """A memory batch replayed in a step with its detached outputs, for the EMA refresh."""
+
+    batch: MemoryBatch
+    logits: Tensor
+    features: list[Tensor]
+
+
 class BaseExperienceReplayLearner(ReplayLearner):
     """Experience replay over a reservoir memory, for the online setting (one pass per chunk).
 
@@ -65,12 +134,14 @@ class BaseExperienceReplayLearner(ReplayLearner):
 
     def __init__(
         self,
-        components: dict[str, Component],
+        components: dict[str, Component] | None = None,
         loss_weight: float = 1.0,
         ema_memory_update_gamma: float = 1.0,
         loss_normalization: int = 1,
         **kwargs: Any,
     ) -> None:
+        if components is None:  # a method: its options are the parameters of its components()
+            components = self._build_components(kwargs)
         super().__init__(**kwargs)
         _check_method_options({"loss_weight": loss_weight})
         if not 0.0 < ema_memory_update_gamma <= 1.0:
@@ -87,12 +158,32 @@ class BaseExperienceReplayLearner(ReplayLearner):
         self._store_logits = any(c.needs_logits for c in self._components.values())
         self._feature_components = [c for c in self._components.values() if c.needs_features]
         self._store_features = bool(self._feature_components)
-        self._step_new: tuple[Tensor, Tensor, Tensor | None, list[Tensor]] | None = None
-        self._replayed: list[tuple[MemoryBatch, Tensor, list[Tensor]]] = []
+        self._step_new: NewItems | None = None  # what on_train_batch_end writes to the memory
+        self._replayed: list[Replayed] = []  # what on_train_batch_end refreshes (EMA)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if "components" in cls.__dict__:
+            _install_learner_signature(cls)
 
     def components(self, **kwargs: Any) -> dict[str, Component]:
-        """The components of the learner (each subclass builds its own)."""
-        return self._components
+        """The learner's components by name (the spec's abstract builder). A method defines its
+        options once, as the parameters of its ``components``; they become its constructor's
+        options, and ``model`` / ``loss_fn`` are filled in from the learner's own arguments."""
+        raise NotImplementedError(f"{type(self).__name__} defines no components(): pass components={{...}}")
+
+    @property
+    def built_components(self) -> dict[str, Component]:
+        """The components this learner trains with, by name, in the order they run."""
+        return dict(self._components)
+
+    def _build_components(self, kwargs: dict[str, Any]) -> dict[str, Component]:
+        """Takes the method's options out of ``kwargs`` (by name) and builds its components."""
+        accepted = inspect.signature(self.components).parameters
+        context = {"model": kwargs.get("model"), "loss_fn": kwargs.get("loss_fn")}
+        options = {name: kwargs.pop(name) for name in list(kwargs) if name in accepted and name not in context}
+        _check_method_options(options)
+        return self.components(**{k: v for k, v in context.items() if k in accepted}, **options)
 
     def on_model_update_start(self, *args: Any, **kwargs: Any) -> None:
         super().on_model_update_start(*args, **kwargs)
@@ -124,7 +215,7 @@ class BaseExperienceReplayLearner(ReplayLearner):
         outputs, features = self._forward(joined)
         # Per step, detach only what on_train_batch_end stores (logits, features) or refreshes (EMA).
         logits_new = outputs[:n].detach() if self._store_logits else None
-        self._step_new = (raw_inputs, raw_targets, logits_new, [f[:n].detach() for f in features])
+        self._step_new = NewItems(raw_inputs, raw_targets, logits_new, [f[:n].detach() for f in features])
         self._replayed = []
         refresh = self.ema_memory_update_gamma < 1.0
         loss = self.base_loss(outputs[:n], targets)
@@ -133,18 +224,17 @@ class BaseExperienceReplayLearner(ReplayLearner):
         total_weight = self.loss_weight
         if memory_batch is not None:
             outputs_memory, features_memory = outputs[n:], [f[n:] for f in features]
-            if refresh:
-                self._replayed.append((memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory]))
             fresh = True  # the joined batch was drawn for the first loss component
             for component in self._loss_components:
                 if component.sample_new_memory_batch and not fresh:
                     memory_batch = self.memory.sample(self.memory_batch_size)
                     assert memory_batch is not None
                     outputs_memory, features_memory = self._forward(memory_batch.inputs)
-                    if refresh:
-                        self._replayed.append(
-                            (memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory])
-                        )
+                    fresh = True
+                if refresh and fresh:
+                    self._replayed.append(
+                        Replayed(memory_batch, outputs_memory.detach(), [f.detach() for f in features_memory])
+                    )
                 fresh = False
                 loss = loss + component.loss(outputs_memory, memory_batch, features_memory)
                 total_weight += component.weight
@@ -158,11 +248,11 @@ class BaseExperienceReplayLearner(ReplayLearner):
     def on_train_batch_end(self, outputs: Tensor, batch: Batch, batch_idx: int) -> None:
         super().on_train_batch_end(outputs, batch, batch_idx)
         if self.ema_memory_update_gamma < 1.0:
-            for memory_batch, logits, features in self._replayed:
-                self._refresh_metadata(memory_batch.indices, logits, features)
-        assert self._step_new is not None
-        raw_inputs, raw_targets, logits, features = self._step_new
-        self.memory.add(raw_inputs, raw_targets, self._metadata(logits, features))
+            for replayed in self._replayed:
+                self._refresh_metadata(replayed.batch.indices, replayed.logits, replayed.features)
+        new = self._step_new
+        assert new is not None
+        self.memory.add(new.inputs, new.targets, self._metadata(new.logits, new.features))
         self._step_new, self._replayed = None, []
         for component in self._components.values():
             component.on_train_batch_end(self.model)
@@ -239,13 +329,7 @@ class ExperienceReplayLearner(BaseExperienceReplayLearner):
         alpha: weight of the cross-entropy on replayed memory items (>= 0).
     """
 
-    def __init__(self, alpha: float = 1.0, **kwargs: Any) -> None:
-        _check_method_options({"alpha": alpha})
-        kwargs.setdefault("components", self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha))
-        super().__init__(**kwargs)
-
     def components(self, loss_fn: nn.Module | None = None, alpha: float = 1.0) -> dict[str, Component]:
-        """ER's one component: ``memory_loss``."""
         return {"memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True)}
 
 
@@ -260,15 +344,9 @@ class DarkExperienceReplayLearner(ExperienceReplayLearner):
         beta: weight of the cross-entropy on the labels of a second memory batch (>= 0; 0 is DER).
     """
 
-    def __init__(self, alpha: float = 1.0, beta: float = 1.0, **kwargs: Any) -> None:
-        _check_method_options({"alpha": alpha, "beta": beta})
-        kwargs.setdefault("components", self.components(loss_fn=kwargs.get("loss_fn"), alpha=alpha, beta=beta))
-        super().__init__(alpha=alpha, **kwargs)
-
     def components(  # type: ignore[override]
         self, loss_fn: nn.Module | None = None, alpha: float = 1.0, beta: float = 1.0
     ) -> dict[str, Component]:
-        """DER's components: ``mse_loss`` (alpha) and ``memory_loss`` (beta), each on a fresh batch."""
         return {
             "mse_loss": WeightedMeanSquaredErrorLossComponent(alpha, sample_new_memory_batch=True),
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), beta, sample_new_memory_batch=True),
@@ -285,29 +363,21 @@ class PooledOutputDistillationExperienceReplayLearner(BaseExperienceReplayLearne
         normalize: L2-normalise the pooled features before their distance (1) or not (0).
     """
 
-    def __init__(
-        self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1, **kwargs: Any
-    ) -> None:
-        _check_method_options({"alpha": alpha})
-        kwargs.setdefault(
-            "components", self.components(alpha=alpha, distillation_type=distillation_type, normalize=normalize)
-        )
-        super().__init__(**kwargs)
-
     def components(
         self, alpha: float = 1.0, distillation_type: str = "spatial", normalize: bool | int = 1
     ) -> dict[str, Component]:
-        """POD-ER's one component: ``pod_loss``."""
-        return {
-            "pod_loss": WeightedPooledOutputDistillationLossComponent(
-                alpha, sample_new_memory_batch=True, distillation_type=distillation_type, normalize=normalize
-            )
-        }
+        pod = WeightedPooledOutputDistillationLossComponent(
+            alpha, sample_new_memory_batch=True, distillation_type=distillation_type, normalize=normalize
+        )
+        return {"pod_loss": pod}
 
 
 class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
     """CLS-ER (Arani et al., ICLR 2022): ``alpha * CE`` on replayed items plus ``beta *`` the
     consistency with the better of a plastic and a stable EMA copy; predicts with the stable copy.
+
+    The options are in the order of the spec's constructor (its ``components`` lists the plastic
+    copy's options first; they are passed by name, so the order only matters positionally).
 
     Args:
         alpha: weight of the cross-entropy on replayed memory items (>= 0).
@@ -318,36 +388,17 @@ class CLSExperienceReplayLearner(BaseExperienceReplayLearner):
         plastic_model_update_probability: probability that a step updates the plastic copy (in [0, 1]).
     """
 
-    def __init__(
-        self,
-        alpha: float = 0.5,
-        beta: float = 0.1,
-        stable_model_update_weight: float = 0.999,
-        plastic_model_update_weight: float = 0.999,
-        stable_model_update_probability: float = 0.7,
-        plastic_model_update_probability: float = 0.9,
-        **kwargs: Any,
-    ) -> None:
-        options = _arguments(locals())
-        _check_method_options(options)
-        kwargs.setdefault(
-            "components",
-            self.components(model=kwargs["model"], loss_fn=kwargs.get("loss_fn"), **_by_name(self.components, options)),
-        )
-        super().__init__(**kwargs)
-
     def components(
         self,
         model: ContinualModel,
         loss_fn: nn.Module | None = None,
         alpha: float = 0.5,
         beta: float = 0.1,
-        plastic_model_update_weight: float = 0.999,
         stable_model_update_weight: float = 0.999,
-        plastic_model_update_probability: float = 0.9,
+        plastic_model_update_weight: float = 0.999,
         stable_model_update_probability: float = 0.7,
+        plastic_model_update_probability: float = 0.9,
     ) -> dict[str, Component]:
-        """CLS-ER's components: ``memory_loss`` (alpha) and ``cls_loss`` (beta, same memory batch)."""
         return {
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), alpha, sample_new_memory_batch=True),
             "cls_loss": WeightedCLSLossComponent(
@@ -367,7 +418,8 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
 
     Components, in order: ``mse_loss`` (der_alpha, fresh batch), ``memory_loss`` (der_beta, fresh
     batch), ``cls_loss`` (cls_alpha, same batch as memory_loss), ``shrink_perturb`` (at update
-    start), ``pod_loss`` (pod_alpha, fresh batch).
+    start), ``pod_loss`` (pod_alpha, fresh batch). ``ema_memory_update_gamma``, the spec's last
+    positional option of this learner, is the base class's keyword option here.
 
     Args:
         der_alpha: weight of the MSE between current and stored logits of memory items (>= 0).
@@ -383,31 +435,6 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         pod_distillation_type: POD pooling: spatial, channel, width, height, gap, flat or pixel.
         pod_normalize: L2-normalise the pooled features (1) or not (0).
     """
-
-    def __init__(
-        self,
-        der_alpha: float = 1.0,
-        der_beta: float = 1.0,
-        sp_shrink_factor: float = 0.95,
-        sp_sigma: float = 0.001,
-        cls_alpha: float = 0.1,
-        cls_stable_model_update_weight: float = 0.999,
-        cls_plastic_model_update_weight: float = 0.999,
-        cls_stable_model_update_probability: float = 0.7,
-        cls_plastic_model_update_probability: float = 0.9,
-        pod_alpha: float = 1.0,
-        pod_distillation_type: str = "spatial",
-        pod_normalize: bool | int = 1,
-        ema_memory_update_gamma: float = 1.0,
-        **kwargs: Any,
-    ) -> None:
-        options = _arguments(locals())
-        _check_method_options(options)
-        kwargs.setdefault(
-            "components",
-            self.components(model=kwargs["model"], loss_fn=kwargs.get("loss_fn"), **_by_name(self.components, options)),
-        )
-        super().__init__(ema_memory_update_gamma=ema_memory_update_gamma, **kwargs)
 
     def components(
         self,
@@ -426,7 +453,6 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         pod_distillation_type: str = "spatial",
         pod_normalize: bool | int = 1,
     ) -> dict[str, Component]:
-        """Super-ER's components (see the class docstring)."""
         return {
             "mse_loss": WeightedMeanSquaredErrorLossComponent(der_alpha, sample_new_memory_batch=True),
             "memory_loss": WeightedCustomLossComponent(_ce(loss_fn), der_beta, sample_new_memory_batch=True),
@@ -449,43 +475,12 @@ class SuperExperienceReplayLearner(BaseExperienceReplayLearner):
         }
 
 
-_NON_NEGATIVE = ("alpha", "beta", "der_alpha", "der_beta", "cls_alpha", "pod_alpha", "beta", "sp_sigma", "loss_weight")
-
-
-def _arguments(frame_locals: dict[str, Any]) -> dict[str, Any]:
-    """A learner's own options from its ``__init__``'s ``locals()`` (written once, in the signature)."""
-    return {k: v for k, v in frame_locals.items() if k not in ("self", "kwargs", "__class__")}
-
-
-def _check_method_options(options: dict[str, Any]) -> None:
-    """Refuses negative loss weights and a non-positive shrink factor before anything is built."""
-    for name in _NON_NEGATIVE:
-        if name in options and not float(options[name]) >= 0.0:
-            raise ValueError(f"{name} must be >= 0 (a loss weight), got {options[name]!r}")
-    if "sp_shrink_factor" in options and not float(options["sp_shrink_factor"]) > 0.0:
-        raise ValueError(
-            "sp_shrink_factor must be > 0 (1 keeps the weights, 0 would erase them), "
-            f"got {options['sp_shrink_factor']!r}"
-        )
-
-
-def _ce(loss_fn: nn.Module | None) -> nn.Module:
-    return loss_fn if loss_fn is not None else nn.CrossEntropyLoss(reduction="none")
-
-
-def _by_name(fn: Any, values: dict[str, Any]) -> dict[str, Any]:
-    """The entries of ``values`` that ``fn`` takes as parameters (options flow by name, never by position)."""
-    accepted = inspect.signature(fn).parameters
-    return {k: v for k, v in values.items() if k in accepted}
-
-
 def method_option_parameters(learner_class: type) -> list[inspect.Parameter]:
-    """The method's own options: the parameters of ``learner_class.__init__`` (their one definition)."""
-    skip = {"self", "components", "ema_memory_update_gamma", "loss_weight", "loss_normalization"}
+    """The method's own options: the parameters of ``learner_class.components`` (their one definition)."""
     return [
         p.replace(kind=POSITIONAL_OR_KEYWORD)
-        for name, p in inspect.signature(learner_class.__init__).parameters.items()
-        if name not in skip and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+        for name, p in inspect.signature(learner_class.components).parameters.items()
+        if name not in _CONTEXT
     ]
 
 
