@@ -157,7 +157,7 @@ def use_torch_init() -> None:
     def build(config: BenchmarkConfig, input_shape: tuple[int, ...], num_classes: int) -> Any:
         return MultiLayerPerceptron(math.prod(input_shape), num_classes, list(config.hidden_sizes), init="torch")
 
-    benchmark_module.build_model = build
+    benchmark_module.benchmark_model = build
 
 
 def make_config(protocol: Protocol, row: Row, data_dir: str | None, seeds: Sequence[int], out: Path,

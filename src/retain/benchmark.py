@@ -41,7 +41,7 @@ from retain.methods import (
     SuperExperienceReplayModelUpdater,
 )
 from retain.models import ContinualModel, MultiLayerPerceptron, ResNet18
-from retain.options import TRAINING_OPTION_NAMES, TrainingOptions, option_docs
+from retain.options import TRAINING_OPTION_NAMES, TrainingOptions, check_choice, option_docs
 from retain.state import OutputLock, remove_state_folder
 from retain.updaters.base import ModelUpdater
 
@@ -147,12 +147,8 @@ class BenchmarkConfig:
         return d
 
 
-def _check_choice(what: str, value: str, choices: Any) -> None:
-    if value not in choices:
-        raise ValueError(f"unknown {what} {value!r}; choose one of: {', '.join(choices)}")
-
-
-def build_model(config: BenchmarkConfig, input_shape: tuple[int, ...], num_classes: int) -> ContinualModel:
+def benchmark_model(config: BenchmarkConfig, input_shape: tuple[int, ...], num_classes: int) -> ContinualModel:
+    """The model of a benchmark run: the MLP or ResNet-18 that `config` names, sized for the data."""
     if config.model == "mlp":
         num_inputs = 1
         for d in input_shape:
@@ -163,9 +159,9 @@ def build_model(config: BenchmarkConfig, input_shape: tuple[int, ...], num_class
 
 def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
     """Runs ``config`` for every seed, writes the report under ``config.output``, returns the result."""
-    _check_choice("method", config.method, METHODS)
-    _check_choice("model", config.model, MODELS)
-    _check_choice("optimizer", config.optimizer, OPTIMIZERS)
+    check_choice("method", config.method, METHODS)
+    check_choice("model", config.model, MODELS)
+    check_choice("optimizer", config.optimizer, OPTIMIZERS)
     spec = METHODS[config.method]
     method_options = {**spec.defaults, **config.method_options}
     if spec.class_incremental_note and config.scenario == "class-incremental":
@@ -180,7 +176,7 @@ def run_benchmark(config: BenchmarkConfig, log: Any = print) -> dict[str, Any]:
         torch.set_num_threads(config.threads)
     elif config.model == "mlp":
         torch.set_num_threads(1)
-    _check_choice("score_on", config.score_on, ("test", "val"))
+    check_choice("score_on", config.score_on, ("test", "val"))
     if config.score_on == "val" and not config.val_fraction > 0:
         raise ValueError("score_on='val' needs val_fraction > 0 (the share of each task's train data held out)")
 
@@ -235,7 +231,7 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
     for stale in sorted(state_root.glob("update*")) if state_root.is_dir() else []:
         remove_state_folder(stale)  # a previous run's states; anything else there is refused, not deleted
     torch.manual_seed(seed)
-    initial_model = build_model(config, splits.input_shape, splits.num_classes)
+    initial_model = benchmark_model(config, splits.input_shape, splits.num_classes)
     device_model = None
     # With score_on='val' every accuracy below is measured on the tasks' val parts: no test data is read.
     scored = tasks if config.score_on == "test" else [replace(task, test=task.val) for task in tasks]
@@ -244,7 +240,7 @@ def _run_one_seed(config: BenchmarkConfig, spec: MethodSpec, method_options: dic
     previous: Path | None = None
     for i, task in enumerate(tasks):
         torch.manual_seed(seed)
-        model = build_model(config, splits.input_shape, splits.num_classes)
+        model = benchmark_model(config, splits.input_shape, splits.num_classes)
         state = state_root / f"update{i}"
         updater = spec.updater(model, optimizer=optimizer, input_state_folder=previous, output_state_folder=state,
                                **method_options, **training_options)

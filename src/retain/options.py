@@ -12,7 +12,7 @@ import difflib
 import inspect
 import re
 import typing
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -130,16 +130,16 @@ class TrainingOptions:
     extra: dict[str, Any] = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
-        _check_choice("learning_rate_scheduler_interval", self.learning_rate_scheduler_interval, SCHEDULER_INTERVALS)
-        _check_choice("mode", self.mode, MODES)
-        _check_choice("accelerator", self.accelerator, ACCELERATORS)
+        check_choice("learning_rate_scheduler_interval", self.learning_rate_scheduler_interval, SCHEDULER_INTERVALS)
+        check_choice("mode", self.mode, MODES)
+        check_choice("accelerator", self.accelerator, ACCELERATORS)
         if self.strategy is None:  # Lightning's and the spec's "let the trainer choose"
             self.strategy = "auto"
-        _check_choice("strategy", self.strategy, STRATEGIES)
+        check_choice("strategy", self.strategy, STRATEGIES)
         self.precision = str(self.precision)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("mask_class_set", self.mask_class_set, MASK_CLASS_SETS)
-        _check_choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("mask_class_set", self.mask_class_set, MASK_CLASS_SETS)
+        check_choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("max_epochs", self.max_epochs)
         _check_positive_int("log_every_n_steps", self.log_every_n_steps)
@@ -226,6 +226,15 @@ class TrainingOptions:
         return out
 
 
+SEED_STRIDE = 1_000_003  # a prime; seed * SEED_STRIDE + u differs for every (seed, u) with u < SEED_STRIDE
+
+
+def update_seed(seed: int, updates_done: int) -> int:
+    """The seed of update number ``updates_done`` of a learner seeded ``seed`` (global generators,
+    the data shards of a multi-process update)."""
+    return seed * SEED_STRIDE + updates_done
+
+
 def _is_pad(path: Any, value: Any) -> bool:
     return isinstance(path, str) and isinstance(value, int | float) and not isinstance(value, bool)
 
@@ -234,7 +243,8 @@ def _is_json_scalar(value: Any) -> bool:
     return value is None or isinstance(value, bool | int | float | str)
 
 
-def _check_choice(name: str, value: Any, choices: tuple) -> None:
+def check_choice(name: str, value: Any, choices: Iterable[Any]) -> None:
+    """Refuses ``value`` unless it is one of ``choices``, in one line naming the option and every choice."""
     if value not in choices:
         shown = ", ".join(repr(c) for c in choices)
         raise ValueError(f"{name}={value!r} is not supported; choose one of {shown}")

@@ -34,8 +34,9 @@ import re
 import secrets
 import shutil
 import stat
+import tempfile
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -248,6 +249,23 @@ def write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> dict[str, An
         f.flush()
         os.fsync(f.fileno())
     return {"sha256": digest.hexdigest(), "bytes": nbytes}
+
+
+def replace_file(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    """Replaces the single file ``path`` atomically (reports, dataset caches): ``write`` fills a
+    temporary file in the same folder, which is fsynced, made readable (0o644) and renamed over
+    ``path``; a reader sees the old file or the whole new one, never a part."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, 0o644)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
 
 def safetensors_chunks(tensors: dict[str, torch.Tensor]) -> Iterable[bytes | memoryview]:

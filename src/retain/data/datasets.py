@@ -37,6 +37,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from retain.state import replace_file
+
 __all__ = [
     "DATASET_NAMES",
     "FILE_SPECS",
@@ -288,24 +290,13 @@ def _record_path(path: Path) -> Path:
     return cache_dir() / "verified" / f"{key}.json"
 
 
-def _atomic_write(dest: Path, write: Callable[[BinaryIO], None]) -> None:
-    """Write ``dest`` through a temporary file in the same folder, so readers never see a partial file."""
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=f".{dest.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-        os.replace(tmp, dest)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _remember_verified(path: Path, st: os.stat_result, spec: FileSpec) -> None:
     _VERIFIED.add((str(path), st.st_size, st.st_mtime_ns, spec.checksum))
     record = {"path": str(path), "size": st.st_size, "mtime_ns": st.st_mtime_ns, "checksum": spec.checksum}
     try:
-        _atomic_write(_record_path(path), lambda f: f.write(json.dumps(record).encode("utf-8")))
+        record_file = _record_path(path)
+        record_file.parent.mkdir(parents=True, exist_ok=True)
+        replace_file(record_file, lambda f: f.write(json.dumps(record).encode("utf-8")))
     except OSError as exc:  # a read-only cache only costs a re-hash next time
         logger.debug("could not write verification record for %s: %s", path, exc)
 
@@ -643,7 +634,8 @@ def _decoded(dataset: str, specs: Mapping[str, FileSpec], build: Callable[[], di
         raise DatasetFileError(f"{dataset}: the decoded files are not valid: {exc}") from exc
     try:
         for part, f in files.items():
-            _atomic_write(f, lambda out, a=arrays[part]: np.save(out, a, allow_pickle=False))
+            f.parent.mkdir(parents=True, exist_ok=True)
+            replace_file(f, lambda out, a=arrays[part]: np.save(out, a, allow_pickle=False))
     except OSError as exc:
         logger.debug("could not cache decoded %s: %s", dataset, exc)
     return arrays

@@ -88,21 +88,20 @@ Every file is written to a temporary file in ``output_dir`` and moved into place
 
 from __future__ import annotations
 
-import contextlib
 import csv
 import io
 import json
 import math
 import os
-import tempfile
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 from numpy.typing import ArrayLike
 
 from retain.evaluation.metrics import METRIC_KEYS, aggregate_runs, summarize
+from retain.state import replace_file
 
 __all__ = [
     "build_multi_seed_result",
@@ -139,10 +138,10 @@ _METRIC_SHORT = {
 # --------------------------------------------------------------------------- building
 
 
-def _jsonable(obj: Any) -> Any:
+def _json_types(obj: Any) -> Any:
     """Plain JSON types: numpy/torch values to Python, Path to str, NaN/inf to None."""
     if isinstance(obj, Mapping):
-        return {str(k): _jsonable(v) for k, v in obj.items()}
+        return {str(k): _json_types(v) for k, v in obj.items()}
     if isinstance(obj, str | bool) or obj is None:
         return obj
     if isinstance(obj, Path):
@@ -155,9 +154,9 @@ def _jsonable(obj: Any) -> Any:
     if isinstance(obj, np.bool_):
         return bool(obj)
     if hasattr(obj, "tolist"):  # numpy arrays, torch tensors
-        return _jsonable(obj.tolist())
+        return _json_types(obj.tolist())
     if isinstance(obj, Sequence | set | frozenset):
-        return [_jsonable(v) for v in obj]
+        return [_json_types(v) for v in obj]
     raise TypeError(f"cannot write {type(obj).__name__} to results.json: {obj!r}")
 
 
@@ -180,14 +179,14 @@ def build_result(
         raise ValueError(f"train_seconds must have one entry per update ({T}), got {len(train_seconds)}")
     if task_ids is not None and len(task_ids) != T:
         raise ValueError(f"task_ids must have one entry per task ({T}), got {len(task_ids)}")
-    result: dict[str, Any] = {"config": _jsonable(config), "accuracy_matrix": _jsonable(R)}
+    result: dict[str, Any] = {"config": _json_types(config), "accuracy_matrix": _json_types(R)}
     result.update(summarize(R, initial_accuracy))
     result["train_seconds"] = [float(s) for s in train_seconds]
     if initial_accuracy is not None:
-        result["initial_accuracy"] = _jsonable(np.asarray(initial_accuracy, dtype=np.float64))
+        result["initial_accuracy"] = _json_types(np.asarray(initial_accuracy, dtype=np.float64))
     if task_ids is not None:
         result["task_ids"] = [str(t) for t in task_ids]
-    result.update(_jsonable(extra))
+    result.update(_json_types(extra))
     return result
 
 
@@ -206,10 +205,10 @@ def build_multi_seed_result(
         raise ValueError(f"got {len(seeds)} seeds for {len(runs)} runs")
     agg = aggregate_runs(runs)
     result: dict[str, Any] = {
-        "config": _jsonable(config if config is not None else runs[0].get("config", {})),
+        "config": _json_types(config if config is not None else runs[0].get("config", {})),
         "seeds": [int(s) for s in seeds],
         "n_runs": agg["n_runs"],
-        "runs": [_jsonable(r) for r in runs],
+        "runs": [_json_types(r) for r in runs],
         "mean": agg["mean"],
         "std": agg["std"],
     }
@@ -300,24 +299,8 @@ def _fmt_seconds(v: Any, s: Any = None) -> str:
 # --------------------------------------------------------------------------- files
 
 
-def _atomic_write(path: Path, write: Callable[[IO[bytes]], None]) -> None:
-    """Write ``path`` through a temporary file in the same folder and ``os.replace``."""
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-
-
 def _write_text(path: Path, text: str) -> None:
-    _atomic_write(path, lambda f: f.write(text.encode("utf-8")))
+    replace_file(path, lambda f: f.write(text.encode("utf-8")))
 
 
 def _csv_text(rows: list[list[Any]]) -> str:
@@ -358,7 +341,7 @@ def _metrics_csv(view: _View) -> str:
 
 
 def _save_figure(fig: Any, path: Path) -> None:
-    _atomic_write(path, lambda f: fig.savefig(f, format="png", dpi=150))
+    replace_file(path, lambda f: fig.savefig(f, format="png", dpi=150))
 
 
 def write_report(output_dir: str | os.PathLike[str], result: Mapping[str, Any]) -> dict[str, Path]:
@@ -377,7 +360,7 @@ def write_report(output_dir: str | os.PathLike[str], result: Mapping[str, Any]) 
         paths[name] = out / name
         _write_text(paths[name], text)
 
-    put(RESULTS_JSON, json.dumps(_jsonable(result), indent=2, allow_nan=False) + "\n")
+    put(RESULTS_JSON, json.dumps(_json_types(result), indent=2, allow_nan=False) + "\n")
     put(MATRIX_CSV, _matrix_csv(view.R))
     if view.multi and view.R_std is not None:
         put(MATRIX_STD_CSV, _matrix_csv(view.R_std))

@@ -140,7 +140,6 @@ class Learner:
         train_dataset, train_dataset_collate_fn, train_loading = unwrap_loader(
             train_dataset, train_dataset_collate_fn, loading
         )
-        self._train_dataset = train_dataset
         self._train_source = BatchSource(
             train_dataset,
             self.train_batch_size,

@@ -391,9 +391,3 @@ class ShrinkAndPerturbReinitializationComponent(Component):
     def on_load_checkpoint(self, checkpoint: Checkpoint, prefix: str) -> None:
         self.generator.set_state(checkpoint["tensors"][f"{prefix}generator_state"].to(torch.uint8))
 
-
-def describe_components(components: dict[str, Component]) -> dict[str, Any]:
-    return {
-        name: {"type": type(c).__name__, "weight": c.weight, "sample_new_memory_batch": c.sample_new_memory_batch}
-        for name, c in components.items()
-    }

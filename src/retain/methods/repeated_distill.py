@@ -50,6 +50,7 @@ from retain.nested import NestedTensors
 from retain.options import (
     KEYWORD_ONLY,
     POSITIONAL_OR_KEYWORD,
+    SEED_STRIDE,
     TrainingOptions,
     UpdaterArguments,
     install_signature,
@@ -225,7 +226,7 @@ class RepeatedDistillationLearner(ReplayLearner):
         """Seed of this update's fresh weights for ``role`` 'expert' or 'consolidated'
         (a function of the learner's seed and the number of updates done)."""
         stream = {"expert": 1, "consolidated": 2}[role]
-        return (self.seed * 1_000_003 + self.updates_done * 7_919 + stream * 104_729) % _SEED_MODULUS
+        return (self.seed * SEED_STRIDE + self.updates_done * 7_919 + stream * 104_729) % _SEED_MODULUS
 
     def update_expert_logits(self, new_expert_logits: Tensor) -> None:
         """Sets the expert's logits (N, C) of the next update's new data, in dataset order."""

@@ -78,7 +78,7 @@ class ContinualModel(nn.Module):
                     elif p.kind is inspect.Parameter.VAR_POSITIONAL:
                         params.pop(name, None)
                 object.__setattr__(self, "_hyperparameters_owner", cls)
-                object.__setattr__(self, "_pending_hyperparameters", _jsonable(cls.__name__, params))
+                object.__setattr__(self, "_pending_hyperparameters", _json_hyperparameters(cls.__name__, params))
             original_init(self, *args, **kw)
             if getattr(self, "_hyperparameters_owner", None) is cls:
                 self._hyperparameters = self.__dict__.pop("_pending_hyperparameters")
@@ -222,7 +222,7 @@ def rebuild_model(description: dict[str, Any]) -> ContinualModel:
     return model
 
 
-def _jsonable(owner: str, params: dict[str, Any]) -> dict[str, Any]:
+def _json_hyperparameters(owner: str, params: dict[str, Any]) -> dict[str, Any]:
     try:
         # allow_nan=False: the manifest is written without NaN/Inf, so refuse them here, before training
         return json.loads(json.dumps(params, allow_nan=False))

@@ -23,7 +23,7 @@ from retain.checkpoint import ResumeCheckpointer, state_digest, update_fingerpri
 from retain.learners.base import Learner, model_device, new_checkpoint, use_float64
 from retain.models.adapter import as_continual_model, is_plain_description, unwrap
 from retain.models.base import ContinualModel
-from retain.options import TrainingOptions
+from retain.options import TrainingOptions, update_seed
 from retain.state import (
     MANIFEST,
     OutputLock,
@@ -76,7 +76,7 @@ def wants_ddp(options: TrainingOptions) -> bool:
 
 def seed_update(seed: int, updates_done: int) -> None:
     """Seeds the global generators (dropout, initialisation) for update number ``updates_done``."""
-    torch.manual_seed(seed * 1_000_003 + updates_done)
+    torch.manual_seed(update_seed(seed, updates_done))
 
 
 class ModelUpdater:
