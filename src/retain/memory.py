@@ -23,7 +23,7 @@ import math
 import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, NamedTuple
 
 import torch
 from torch import Tensor
@@ -522,8 +522,7 @@ class ReservoirMemory:
         States written before nested inputs (no ``input_structure``) load as a single tensor.
         """
         prepared, self._prepared = self._prepared, {}  # dropped whatever happens next
-        plan = self._validate_state(meta, tensors, num_classes, required_metadata)
-        struct, leaves, pads, names, seen, filled = plan
+        struct, leaves, pads, names, seen, filled = self._validate_state(meta, tensors, num_classes, required_metadata)
         generator = torch.Generator(device=self.storage_device)
         try:
             generator.set_state(tensors["generator_state"].cpu())
@@ -591,127 +590,167 @@ class ReservoirMemory:
         tensors: Any,
         num_classes: int | None,
         required_metadata: dict[str, tuple[int, ...] | None] | None,
-    ) -> tuple[Any, list[str], dict[str, float], list[str], int, int]:
-        def fail(message: str) -> MemoryStateError:
-            return MemoryStateError(message, in_json=True)
+    ) -> CheckedState:
+        """Checks a memory state against this memory before anything is adopted: the description,
+        the inputs' leaves and every column's dtype, shape and values."""
+        seen, names, pads = self._check_description(meta)
+        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
+            raise _bad_tensors("tensors must be a dict of tensors")
+        state = tensors.get("generator_state")
+        if state is None or state.dtype != torch.uint8 or state.dim() != 1:
+            raise _bad_tensors("generator_state must be a 1-D uint8 tensor")
+        filled = min(seen, self.memory_size)
+        struct, paths = _check_inputs(meta, tensors, filled, names)
+        if filled:
+            _check_columns(tensors, filled, names, num_classes, required_metadata)
+        return CheckedState(struct, paths, pads, list(names) if filled else [], seen, filled)
 
-        def bad_tensors(message: str) -> MemoryStateError:
-            return MemoryStateError(message, in_json=False)
-
+    def _check_description(self, meta: Any) -> tuple[int, list[str], dict[str, float]]:
+        """(seen, metadata names, pad values) of ``meta`` (memory.json), checked against this memory."""
         if not isinstance(meta, dict):
-            raise fail(f"the description must be a JSON object, got {type(meta).__name__}")
+            raise _bad_json(f"the description must be a JSON object, got {type(meta).__name__}")
         known = {"memory_size", "seen", "metadata_names", "input_structure", "input_leaves", "pad_values"}
         unknown = sorted(set(meta) - known)
         if unknown:
-            raise fail(f"unknown field(s) {unknown}")
+            raise _bad_json(f"unknown field(s) {unknown}")
         nested_fields = ("input_structure", "input_leaves", "pad_values")
         required = ["memory_size", "seen", "metadata_names"]
         if any(key in meta for key in nested_fields):  # all three, or none (a state before nested inputs)
             required += nested_fields
         for key in required:
             if key not in meta:
-                raise fail(f"field {key!r} is missing")
+                raise _bad_json(f"field {key!r} is missing")
         for key in ("memory_size", "seen"):
             if not isinstance(meta[key], int) or isinstance(meta[key], bool):
-                raise fail(f"{key} must be an integer, got {meta[key]!r}")
+                raise _bad_json(f"{key} must be an integer, got {meta[key]!r}")
         if meta["memory_size"] != self.memory_size:
-            raise fail(
+            raise _bad_json(
                 f"the state holds a memory of size {meta['memory_size']}, this one has memory_size={self.memory_size}"
             )
         seen = meta["seen"]
         if not 0 <= seen <= _MAX_SEEN:
-            raise fail(f"seen must lie in [0, 2**53] (float64 positions are exact to there), got {seen}")
-        filled = min(seen, self.memory_size)
+            raise _bad_json(f"seen must lie in [0, 2**53] (float64 positions are exact to there), got {seen}")
         names = meta["metadata_names"]
         if not isinstance(names, list) or not all(isinstance(n, str) and _NAME.match(n) for n in names):
-            raise fail(f"metadata_names must be a list of identifiers, got {names!r}")
+            raise _bad_json(f"metadata_names must be a list of identifiers, got {names!r}")
         if names != sorted(set(names)):
-            raise fail(f"metadata_names must be sorted and unique, got {names!r}")
+            raise _bad_json(f"metadata_names must be sorted and unique, got {names!r}")
         pads = _check_pad_values(meta.get("pad_values", self.pad_values), "memory state: pad_values")
         for path in sorted(set(pads) | set(self.pad_values)):
             if pads.get(path, 0) != self.pad_values.get(path, 0):
-                raise fail(
+                raise _bad_json(
                     f"{_where(path)} was padded with {pads.get(path, 0)!r}, this memory pads it with "
                     f"{self.pad_values.get(path, 0)!r}"
                 )
-        if not isinstance(tensors, dict) or not all(isinstance(v, Tensor) for v in tensors.values()):
-            raise bad_tensors("tensors must be a dict of tensors")
-        state = tensors.get("generator_state")
-        if state is None or state.dtype != torch.uint8 or state.dim() != 1:
-            raise bad_tensors("generator_state must be a 1-D uint8 tensor")
-        # the inputs' structure and leaves
-        struct = meta.get("input_structure")
-        if struct is None and filled and "inputs" in tensors:
-            struct = "tensor"  # a state written before nested inputs
-        paths: list[str] = []
-        if struct is not None:
-            try:
-                paths = nested.structure_paths(struct)
-            except ValueError as err:
-                raise fail(f"input_structure: {err}") from None
-        elif filled:
-            raise fail("input_structure is missing")
-        leaves = meta.get("input_leaves")
-        if leaves is None:  # a state written before nested inputs: described by its tensors
-            leaves = {}
-            for p in paths:
-                if _input_key(p) in tensors:
-                    value = tensors[_input_key(p)]
-                    leaves[p] = {"dtype": _dtype_name(value.dtype), "shape": list(value.shape[1:])}
-        if not isinstance(leaves, dict) or (filled and sorted(leaves) != sorted(paths)):
-            described = sorted(leaves) if isinstance(leaves, dict) else leaves
-            raise fail(f"input_leaves must describe the leaves {paths}, got {described!r}")
-        expected = {"generator_state"}
-        if filled:
-            expected |= {_input_key(p) for p in paths} | {"targets"} | {f"metadata.{n}" for n in names}
-        unknown = sorted(set(tensors) - expected)
-        if unknown:
-            raise bad_tensors(f"unknown tensor(s) {unknown}")
-        missing = sorted(expected - set(tensors))
-        if missing:
-            raise bad_tensors(f"tensor(s) {missing} missing")
-        if not filled:
-            return struct if struct is not None else None, [], pads, [], seen, 0
-        for path in paths:
-            key, spec = _input_key(path), leaves[path]
-            if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
-                raise fail(f"input_leaves[{path!r}] must be {{'dtype', 'shape'}}, got {spec!r}")
-            dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
-            shape = spec["shape"]
-            if dtype is None:
-                raise fail(f"input_leaves[{path!r}]: unknown dtype {spec['dtype']!r}")
-            if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
-                raise fail(f"input_leaves[{path!r}]: shape must be a list of sizes, got {shape!r}")
-            value = tensors[key]
-            if value.dtype != dtype or tuple(value.shape) != (filled, *shape):
-                raise bad_tensors(
-                    f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {(filled, *shape)}"
-                )
-        targets = tensors["targets"]
-        if targets.dtype != torch.int64 or targets.dim() != 1:
-            raise bad_tensors(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
-        if targets.shape[0] != filled:
-            raise bad_tensors(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
-        if num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
-            raise bad_tensors(f"targets must lie in [0, {num_classes - 1}]")
-        for name in names:
-            value = tensors[f"metadata.{name}"]
-            if value.dim() == 0 or value.shape[0] != filled:
-                raise bad_tensors(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
-        for name, shape in (required_metadata or {}).items():
-            if name not in names:
-                raise bad_tensors(f"metadata column {name!r} is missing (the method needs it)")
-            value = tensors[f"metadata.{name}"]
-            if not value.dtype.is_floating_point:
-                raise bad_tensors(f"metadata column {name!r} must be floating point, got {value.dtype}")
-            if shape is not None and tuple(value.shape[1:]) != tuple(shape):
-                raise bad_tensors(
-                    f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
-                )
-        for key, value in tensors.items():
-            if value.dtype.is_floating_point and not _all_finite(value):
-                raise bad_tensors(f"tensor {key!r} contains NaN or Inf")
-        return struct, paths, pads, list(names), seen, filled
+        return seen, names, pads
+
+
+class CheckedState(NamedTuple):
+    """A memory state that passed every check, as ``load_state_dict`` adopts it."""
+
+    structure: Any  # the inputs' structure (None: an empty memory without one)
+    paths: list[str]  # the inputs' leaves
+    pad_values: dict[str, float]
+    metadata_names: list[str]
+    seen: int
+    filled: int
+
+
+def _bad_json(message: str) -> MemoryStateError:
+    return MemoryStateError(message, in_json=True)
+
+
+def _bad_tensors(message: str) -> MemoryStateError:
+    return MemoryStateError(message, in_json=False)
+
+
+def _check_inputs(
+    meta: dict[str, Any], tensors: dict[str, Tensor], filled: int, names: list[str]
+) -> tuple[Any, list[str]]:
+    """(structure, leaf paths) of the stored inputs; checks that exactly the expected tensors are
+    there and that every input leaf has its described dtype and shape."""
+    struct = meta.get("input_structure")
+    if struct is None and filled and "inputs" in tensors:
+        struct = "tensor"  # a state written before nested inputs
+    paths: list[str] = []
+    if struct is not None:
+        try:
+            paths = nested.structure_paths(struct)
+        except ValueError as err:
+            raise _bad_json(f"input_structure: {err}") from None
+    elif filled:
+        raise _bad_json("input_structure is missing")
+    leaves = meta.get("input_leaves")
+    if leaves is None:  # a state written before nested inputs: described by its tensors
+        leaves = {}
+        for p in paths:
+            if _input_key(p) in tensors:
+                value = tensors[_input_key(p)]
+                leaves[p] = {"dtype": _dtype_name(value.dtype), "shape": list(value.shape[1:])}
+    if not isinstance(leaves, dict) or (filled and sorted(leaves) != sorted(paths)):
+        described = sorted(leaves) if isinstance(leaves, dict) else leaves
+        raise _bad_json(f"input_leaves must describe the leaves {paths}, got {described!r}")
+    expected = {"generator_state"}
+    if filled:
+        expected |= {_input_key(p) for p in paths} | {"targets"} | {f"metadata.{n}" for n in names}
+    unknown = sorted(set(tensors) - expected)
+    if unknown:
+        raise _bad_tensors(f"unknown tensor(s) {unknown}")
+    missing = sorted(expected - set(tensors))
+    if missing:
+        raise _bad_tensors(f"tensor(s) {missing} missing")
+    if not filled:
+        return struct, []
+    for path in paths:
+        key, spec = _input_key(path), leaves[path]
+        if not isinstance(spec, dict) or set(spec) != {"dtype", "shape"}:
+            raise _bad_json(f"input_leaves[{path!r}] must be {{'dtype', 'shape'}}, got {spec!r}")
+        dtype = _DTYPES.get(spec["dtype"]) if isinstance(spec["dtype"], str) else None
+        shape = spec["shape"]
+        if dtype is None:
+            raise _bad_json(f"input_leaves[{path!r}]: unknown dtype {spec['dtype']!r}")
+        if not isinstance(shape, list) or not all(type(s) is int and s >= 0 for s in shape):
+            raise _bad_json(f"input_leaves[{path!r}]: shape must be a list of sizes, got {shape!r}")
+        value = tensors[key]
+        if value.dtype != dtype or tuple(value.shape) != (filled, *shape):
+            raise _bad_tensors(
+                f"tensor {key!r} is {value.dtype} {tuple(value.shape)}, expected {dtype} {(filled, *shape)}"
+            )
+    return struct, paths
+
+
+def _check_columns(
+    tensors: dict[str, Tensor],
+    filled: int,
+    names: list[str],
+    num_classes: int | None,
+    required_metadata: dict[str, tuple[int, ...] | None] | None,
+) -> None:
+    """Checks the targets, the metadata columns (those the method needs included) and finiteness."""
+    targets = tensors["targets"]
+    if targets.dtype != torch.int64 or targets.dim() != 1:
+        raise _bad_tensors(f"targets must be a 1-D int64 tensor, got {targets.dtype} {tuple(targets.shape)}")
+    if targets.shape[0] != filled:
+        raise _bad_tensors(f"tensor 'targets' has {targets.shape[0]} rows, expected {filled}")
+    if num_classes and (int(targets.min()) < 0 or int(targets.max()) >= num_classes):
+        raise _bad_tensors(f"targets must lie in [0, {num_classes - 1}]")
+    for name in names:
+        value = tensors[f"metadata.{name}"]
+        if value.dim() == 0 or value.shape[0] != filled:
+            raise _bad_tensors(f"tensor 'metadata.{name}' has shape {tuple(value.shape)}, expected {filled} rows")
+    for name, shape in (required_metadata or {}).items():
+        if name not in names:
+            raise _bad_tensors(f"metadata column {name!r} is missing (the method needs it)")
+        value = tensors[f"metadata.{name}"]
+        if not value.dtype.is_floating_point:
+            raise _bad_tensors(f"metadata column {name!r} must be floating point, got {value.dtype}")
+        if shape is not None and tuple(value.shape[1:]) != tuple(shape):
+            raise _bad_tensors(
+                f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
+            )
+    for key, value in tensors.items():
+        if value.dtype.is_floating_point and not _all_finite(value):
+            raise _bad_tensors(f"tensor {key!r} contains NaN or Inf")
 
 
 def _all_finite(value: Tensor, chunk_bytes: int = 8 << 20) -> bool:
