@@ -67,7 +67,9 @@ def er(state_in: Path | None, state_out: Path | None, **kw: Any) -> ExperienceRe
 
 
 @torch.no_grad()
-def metrics_on(net: nn.Module, parts: list[tuple[TensorDataset, str | None]], transform: Any = None) -> dict:
+def metrics_on(
+    net: nn.Module, parts: list[tuple[TensorDataset, str | None]], transform: Any = None
+) -> dict[str, float]:
     """val_loss (mean cross-entropy over all items) and val_accuracy of ``net`` on the union of
     ``parts`` (each through its task's head), computed by hand."""
     net.eval()
