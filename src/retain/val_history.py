@@ -188,7 +188,7 @@ class ValidationHistory:
         """Whether the lists read by ``load_json`` describe the chunks held (a resumed update)."""
         return self.loaded == self.json()
 
-    def attach(self, state: StateFolder, updates_done: int, num_classes: int | None) -> None:
+    def attach(self, state: StateFolder, updates_done: int, num_classes: int | None, task_ids_seen: list[str]) -> None:
         """Maps the chunks that ``learner.json`` of ``state`` lists (after ``load_json``), refusing
         with a StateError naming the file a list that is inconsistent, a chunk file that is missing
         or not the one listed, or a malformed chunk; the checksums were verified by ``StateFolder``.
@@ -206,6 +206,9 @@ class ValidationHistory:
                     f"< {updates_done} in increasing order, got {printable(names[:10])}"
                 )
             updates.append(int(match.group(1)))
+        unknown = sorted(set(task_ids) - set(task_ids_seen))
+        if unknown:
+            raise StateError(f"{where}: val_task_ids {printable(unknown[:10])} are not among the task ids seen")
         listed = sorted(n for n in state.manifest["files"] if n.startswith(VAL_CHUNK_PREFIX))
         if listed != names:
             raise StateError(

@@ -318,6 +318,15 @@ def test_learner_json_that_lists_other_val_chunks_is_refused(tmp_path: Path) -> 
     _rewrite(tmp_path / "s1", "learner.json", learner_json | {"val_chunks": [val_chunk_name(5)]})
     with pytest.raises(StateError, match=r"learner\.json: val_chunks must name val_chunk_<update>\.safetensors"):
         er(tmp_path / "s1", None)
+    _rewrite(tmp_path / "s1", "learner.json", learner_json | {"val_task_ids": ["elsewhere"]})
+    with pytest.raises(StateError, match=r"learner\.json: val_task_ids \['elsewhere'\] are not among the task ids"):
+        er(tmp_path / "s1", None)
+    _rewrite(tmp_path / "s1", "learner.json", learner_json | {"val_task_ids": []})
+    with pytest.raises(StateError, match=r"val_chunks, val_task_ids, val_input_structures must have one entry per"):
+        er(tmp_path / "s1", None)
+    _rewrite(tmp_path / "s1", "learner.json", learner_json | {"val_input_structures": ['{"dict": [["x", "tensor"]]}']})
+    with pytest.raises(StateError, match=r"val_chunk_000000\.safetensors: a data chunk holds exactly the tensors"):
+        er(tmp_path / "s1", None)
     _rewrite(tmp_path / "s1", "learner.json", learner_json | {"val_chunks": [], "val_task_ids": [],
                                                               "val_input_structures": []})  # fmt: skip
     with pytest.raises(StateError, match=r"manifest\.json: the validation chunk files \['val_chunk_000000"):

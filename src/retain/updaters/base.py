@@ -241,7 +241,7 @@ class ModelUpdater:
                 )
             return
         num_classes = int(getattr(self.model, "num_outputs", 0)) or None
-        history.attach(state, self.learner.updates_done, num_classes)
+        history.attach(state, self.learner.updates_done, num_classes, self.learner.task_ids_seen)
 
     def load_state(self, state: StateFolder) -> None:
         """Loads a verified state folder's model, learner and memory into this updater (as a new
