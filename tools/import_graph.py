@@ -23,7 +23,7 @@ FLOORS: list[tuple[str, list[str]]] = [
     ("updaters", ["retain.updaters", "retain.checkpoint"]),
     ("learners", ["retain.learners", "retain.evaluation"]),
     ("parts", ["retain.memory", "retain.models", "retain.state", "retain.data", "retain.batching", "retain.options",
-               "retain.chunks", "retain.nested", "retain.version", "retain._fast_start"]),
+               "retain.chunks", "retain.val_history", "retain.nested", "retain.version", "retain._fast_start"]),
 ]  # fmt: skip
 
 

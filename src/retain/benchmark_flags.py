@@ -15,8 +15,8 @@ from retain.benchmark_recipes import RECIPES
 
 TRAINING_FLAGS = ("batch_size", "max_epochs", "learning_rate_scheduler_interval", "precision", "accelerator",
                   "devices", "strategy", "gradient_clip_val", "gradient_clip_algorithm", "mask_unused_classes",
-                  "mask_class_set", "metric", "mode", "early_stopping_enabled", "patience", "deterministic_trainer",
-                  "log_every_n_steps", "checkpoint_every_n_epochs")
+                  "mask_class_set", "validation_data", "metric", "mode", "early_stopping_enabled", "patience",
+                  "deterministic_trainer", "log_every_n_steps", "checkpoint_every_n_epochs")
 
 
 class CLIError(Exception):

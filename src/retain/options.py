@@ -25,6 +25,7 @@ SCHEDULER_INTERVALS = ("epoch", "step")
 MODES = ("min", "max")
 CLIP_ALGORITHMS = (None, "norm", "value")
 MASK_CLASS_SETS = ("current", "current_and_memory")
+VALIDATION_DATA = ("all", "current")
 
 
 @dataclass
@@ -67,6 +68,9 @@ class TrainingOptions:
         mask_unused_classes: the loss on new data ignores the logits of classes outside `mask_class_set`.
         mask_class_set: classes kept by mask_unused_classes: 'current' (this update's classes, retain's default) or
             'current_and_memory' (plus the memory's classes, the spec's set).
+        validation_data: what each update validates (and early-stops) on: 'all' (the spec's: this update's val_dataset
+            plus the val data of every earlier update, kept in the state folder as one chunk per update) or 'current'
+            (this update's val_dataset only; nothing is kept).
         log_every_n_steps: steps between two train_loss logs.
         progress_bar: show a progress bar per epoch.
         checkpoint_every_n_epochs: write a resumable checkpoint beside the output folder every N epochs (0: never).
@@ -107,6 +111,7 @@ class TrainingOptions:
     # retain's own additions (not in the spec)
     patience: int = 3
     mask_class_set: str = "current"
+    validation_data: str = "all"
     log_every_n_steps: int = 50
     progress_bar: bool = False
     checkpoint_every_n_epochs: int = 0
@@ -139,6 +144,7 @@ class TrainingOptions:
         self.precision = str(self.precision)
         check_choice("precision", self.precision, PRECISIONS)
         check_choice("mask_class_set", self.mask_class_set, MASK_CLASS_SETS)
+        check_choice("validation_data", self.validation_data, VALIDATION_DATA)
         check_choice("gradient_clip_algorithm", self.gradient_clip_algorithm, CLIP_ALGORITHMS)
         _check_positive_int("batch_size", self.batch_size)
         _check_positive_int("max_epochs", self.max_epochs)

@@ -16,7 +16,8 @@ Paths are guarded, because a state path that is not a state folder must never co
   verified by streaming before anything is used, and again as its tensors are read into their
   final buffers, so nothing holds a file's bytes. Nothing is ever unpickled.
 
-Mapped files (``chunk_*.safetensors``, the joint baseline's data) are verified by the same
+Mapped files (``chunk_*.safetensors``, the joint baseline's data, and ``val_chunk_*.safetensors``,
+the validation data of earlier updates) are verified by the same
 streaming hash but never read into memory: ``StateFolder.mapped_file`` hands out their verified
 path for memory-mapped reading, and ``write_state(linked_files=...)`` places them in a later state
 by hard link (a copy where linking fails) instead of rewriting them.
@@ -86,11 +87,13 @@ class StateLockedError(StateError):
 
 
 # ---------------------------------------------------------------------------------- mapped files
-# Files whose names start with this prefix are "mapped files" (the joint baseline's data chunks):
+# Files whose names start with these prefixes are "mapped files" (the joint baseline's data chunks,
+# the validation data of earlier updates, ``retain.val_history``):
 # verified by a streaming hash and never held in memory; ``StateFolder.mapped_file`` hands out
 # their path for memory-mapped reading, and ``write_state(linked_files=...)`` reuses them in a
 # later state by hard link (copy across filesystems) without rewriting them.
 MAPPED_PREFIX = "chunk_"
+MAPPED_PREFIXES = (MAPPED_PREFIX, "val_chunk_")
 # In-process record of mapped files already hashed: (st_dev, st_ino, st_size, st_mtime_ns) -> sha256.
 # An inode is recorded only when its mtime was >= _SETTLED_NS older than the start of its hash, so
 # that any later write to it (which sets mtime to a later time on a local filesystem, whose
@@ -103,7 +106,7 @@ VERIFY_MAPPED_EVERY_TIME = False
 
 def is_mapped_file(name: str) -> bool:
     """Whether ``name`` is a mapped state file (verified streaming, read by memory map)."""
-    return name.startswith(MAPPED_PREFIX) and name.endswith(".safetensors")
+    return name.startswith(MAPPED_PREFIXES) and name.endswith(".safetensors")
 
 
 @dataclass(frozen=True)

@@ -25,6 +25,7 @@ from retain.memory import ReservoirMemory
 from retain.models.adapter import as_continual_model
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel
 from retain.options import TrainingOptions
+from retain.val_history import ValidationBatches, ValidationHistory
 
 if TYPE_CHECKING:
     import torchmetrics
@@ -109,7 +110,9 @@ class Learner:
         self.task_ids_seen: list[str] = []
         self._class_mask: Tensor | None = None
         self._train_source: BatchSource | None = None
-        self._val_source: BatchSource | None = None
+        self._val_source: ValidationBatches | None = None
+        # the validation data of earlier updates (``validation_data='all'``, see retain.val_history)
+        self.val_history = ValidationHistory(options.validation_data, options.pad_values)
         self._val_metrics: torchmetrics.MetricCollection | None = None
         # weights of the best epoch by ``options.metric`` during an update (kept in resume checkpoints)
         self.best_state: dict[str, Tensor] | None = None
@@ -151,11 +154,12 @@ class Learner:
             where="train_dataset",
         )
         self._val_source = None
+        current_val: BatchSource | None = None
         if val_dataset is not None:
             val_dataset, val_dataset_collate_fn, val_loading = unwrap_loader(
                 val_dataset, val_dataset_collate_fn, loading
             )
-            self._val_source = BatchSource(
+            current_val = BatchSource(
                 val_dataset,
                 max(self.options.batch_size, 256),
                 self.device,
@@ -165,18 +169,29 @@ class Learner:
                 where="val_dataset",
             )
         self._check_data(self._train_source, "train_dataset")
-        if self._val_source is not None:
-            self._check_data(self._val_source, "val_dataset")
+        if current_val is not None:
+            self._check_data(current_val, "val_dataset")
+        # this update's val data joins the stored history (``validation_data='all'``): validation
+        # runs over the val data of every update so far, each through its own task's head
+        self.val_history.begin_update(self.updates_done, self.task_id, val_dataset, val_dataset_collate_fn)
+        self._val_source = self.val_history.batches(
+            self.updates_done, current_val, self.task_id, max(self.options.batch_size, 256), self.device
+        )
         self._class_mask = self._compute_class_mask(self._train_source) if self.options.mask_unused_classes else None
         if self.task_id not in self.task_ids_seen:  # only once the data passed the checks
             self.task_ids_seen.append(self.task_id)
 
     def check_validation_data(self, val_dataset: Dataset | None) -> None:
-        """Refuses, before any training, options that monitor validation metrics without val data."""
+        """Refuses, before any training, options that monitor validation metrics without val data
+        (neither a ``val_dataset`` nor, with ``validation_data='all'``, stored val data of earlier updates)."""
         o = self.options
-        if val_dataset is None and (o.early_stopping_enabled or o.metric is not None):
+        stored = self.val_history.num_items(before_update=self.updates_done) if self.val_history.keeps else 0
+        if val_dataset is None and not stored and (o.early_stopping_enabled or o.metric is not None):
             what = "early_stopping_enabled" if o.early_stopping_enabled else f"metric={o.metric!r}"
-            raise ValueError(f"{what} monitors validation metrics, but this update has no val_dataset: pass one")
+            earlier = " and no earlier update's val data is stored" if self.val_history.keeps else ""
+            raise ValueError(
+                f"{what} monitors validation metrics, but this update has no val_dataset{earlier}: pass one"
+            )
 
     def _check_data(self, source: BatchSource, name: str) -> None:
         """Fails fast, before training, on data the model cannot take."""
@@ -279,7 +294,9 @@ class Learner:
             where=source.where,
         )
 
-    def val_dataloader(self) -> BatchSource | None:
+    def val_dataloader(self) -> ValidationBatches | None:
+        """The validation batches of one pass: the stored val data of earlier updates
+        (``validation_data='all'``), then this update's ``val_dataset``; None without any."""
         return self._val_source
 
     def transform_train(self, inputs: nested.NestedTensors, targets: Tensor) -> Batch:
@@ -352,7 +369,8 @@ class Learner:
         if self._val_metrics is None:
             self._val_metrics = self._make_val_metrics()
         inputs, targets = self.transform_test(*batch)
-        outputs = self.inference_model()(inputs, self.task_id)
+        task_id = self._val_source.task_id if self._val_source is not None else None  # the head of the batch's update
+        outputs = self.inference_model()(inputs, task_id or self.task_id)
         for name, metric in self._val_metrics.items():
             if name == "loss":
                 metric.update(self.loss_fn(outputs, targets))
@@ -394,6 +412,7 @@ class Learner:
         checkpoint["json"].update(
             {"global_step": self.global_step, "updates_done": self.updates_done, "task_ids_seen": self.task_ids_seen}
         )
+        checkpoint["json"].update(self.val_history.json())
         checkpoint["tensors"]["generator_state"] = self.generator.get_state().clone()
         for key, value in (self.best_state or {}).items():  # only inside an update (resume checkpoints)
             checkpoint["tensors"][f"best_state.{key}"] = value
@@ -404,6 +423,7 @@ class Learner:
         self.global_step = int(checkpoint["json"]["global_step"])
         self.updates_done = int(checkpoint["json"]["updates_done"])
         self.task_ids_seen = [str(t) for t in checkpoint["json"]["task_ids_seen"]]
+        self.val_history.load_json(checkpoint["json"])  # the chunk files are mapped by the updater
         self.generator.set_state(checkpoint["tensors"]["generator_state"].to(torch.uint8))
 
     def memory_for_state(self) -> ReservoirMemory | None:

@@ -28,7 +28,7 @@ from retain.options import (
     training_option_parameters,
 )
 from retain.state import (
-    MANIFEST,
+    MAPPED_PREFIX,
     LinkedFile,
     StateError,
     StateFolder,
@@ -36,7 +36,6 @@ from retain.state import (
     is_mapped_file,
     parse_json,
     printable,
-    write_state,
 )
 from retain.updaters.base import SingleTrainingLoopUpdater
 
@@ -231,7 +230,7 @@ class JointLearner(Learner):
                 f"{where}: chunks must be {chunk_name(0)} ... one per update done ({self.updates_done}), "
                 f"got {printable(names[:10])}"
             )
-        listed = sorted(n for n in state.manifest["files"] if is_mapped_file(n))
+        listed = sorted(n for n in state.manifest["files"] if is_mapped_file(n) and n.startswith(MAPPED_PREFIX))
         if listed != names:
             raise StateError(
                 f"{state.path / 'manifest.json'}: the data chunk files {printable(listed[:10])} differ from those "
@@ -313,10 +312,12 @@ class JointModelUpdater(_BaselineModelUpdater):
             return
         self.learner.attach_chunks(state)
 
-    def save_state(self, folder: str | Path) -> Path:
-        """Writes the state with the new chunk as a file and the earlier ones hard-linked."""
-        manifest, json_files, tensor_files = self.state_payload()
-        chunk_files, linked = self.learner.chunk_files()
-        written = write_state(folder, manifest, json_files, {**tensor_files, **chunk_files}, linked_files=linked)
-        self.learner.chunks_written(written, parse_json((written / MANIFEST).read_bytes(), written / MANIFEST))
-        return written
+    def mapped_state_files(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
+        """The data chunks (the new one as a file, the earlier ones hard-linked) and the val chunks."""
+        tensors, linked = super().mapped_state_files()
+        chunk_files, chunk_links = self.learner.chunk_files()
+        return {**tensors, **chunk_files}, {**linked, **chunk_links}
+
+    def mapped_files_written(self, folder: Path, manifest: dict[str, Any]) -> None:
+        super().mapped_files_written(folder, manifest)
+        self.learner.chunks_written(folder, manifest)

@@ -12,7 +12,8 @@ One update, for new data D and the consolidated model f:
 Decisions the spec leaves open (kept in the docstrings below): old items keep the logits stored
 at the end of the previous update (the previous consolidated model's) while new items get the
 expert's, and all are refreshed by the new consolidated model after consolidation;
-``val_dataset`` scores the consolidated model after every consolidation epoch (the expert is
+the validation data (``val_dataset`` and, with ``validation_data='all'``, the stored val data of
+earlier updates) scores the consolidated model after every consolidation epoch (the expert is
 not validated); the update's ``task_id`` selects the head of both the expert and the
 consolidated model; the consolidation phase has its own schedule (``consolidation_epochs``,
 ``consolidation_batch_size``) because retraining from scratch on a small memory for the
@@ -333,9 +334,10 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
     re-initialises the consolidated model, trains it on the memory only with the double
     distillation loss for ``consolidation_epochs`` (default ``max_epochs``) epochs of
     ``consolidation_batch_size`` (default ``batch_size``) items, validating it on
-    ``val_dataset`` after each epoch (early stopping, if enabled, watches these metrics), and
-    refreshes all stored logits with it. The expert is discarded; the consolidated model, the
-    memory with its logits and the learner's counters and generators are the state.
+    ``val_dataset`` and the stored val data of earlier updates (see ``validation_data``) after
+    each epoch (early stopping, if enabled, watches these metrics), and refreshes all stored
+    logits with it. The expert is discarded; the consolidated model, the memory with its logits
+    and the learner's counters and generators are the state.
 
     When classes grow (class-incremental), the expert's head has all C outputs and was trained
     with ``loss_fn`` on the new classes only: without ``mask_unused_classes`` its logits for the

@@ -26,6 +26,7 @@ from retain.models.base import ContinualModel
 from retain.options import TrainingOptions, update_seed
 from retain.state import (
     MANIFEST,
+    LinkedFile,
     OutputLock,
     StateError,
     StateFolder,
@@ -34,12 +35,14 @@ from retain.state import (
     check_output_path,
     check_tensor_specs,
     check_tensors_roundtrip,
+    parse_json,
     printable,
     resolved,
     tensor_specs,
     write_state,
 )
 from retain.updaters.loop import FitResult, fit
+from retain.val_history import with_history_keys
 from retain.version import __version__
 
 
@@ -116,6 +119,7 @@ class ModelUpdater:
                     "checkpoint_every_n_epochs needs an output_state_folder (the checkpoint sits beside it)"
                 )
         self._fit_kwargs: dict[str, Any] = {}
+        self._loading_resume = False  # load_resume_state: the learner keeps the data it holds
         self.resumed_from_epoch = 0
         self.learner_kwargs = dict(learner_kwargs or {})
         self.device = resolve_device(self.options.accelerator, self.options.devices)
@@ -191,7 +195,7 @@ class ModelUpdater:
         value types differ from what this learner writes, and tensors it would not write back."""
         template = new_checkpoint()
         self.learner.on_save_checkpoint(template)
-        learner_json, learner_path = state.json("learner.json"), state.path / "learner.json"
+        learner_json, learner_path = with_history_keys(state.json("learner.json")), state.path / "learner.json"
         check_json_like(learner_json, template["json"], learner_path)
         for key in ("global_step", "updates_done"):
             if learner_json[key] < 0:
@@ -209,6 +213,7 @@ class ModelUpdater:
         resaved = new_checkpoint()
         self.learner.on_save_checkpoint(resaved)
         check_tensors_roundtrip(tensors, resaved["tensors"], state.path / "learner.safetensors")
+        self._load_validation_history(state)
         memory = self.learner.memory_for_state()
         if memory is None:
             return
@@ -224,6 +229,20 @@ class ModelUpdater:
             name = "memory.json" if getattr(err, "in_json", False) else "memory.safetensors"
             raise StateError(f"{state.path / name}: {err}") from None
 
+    def _load_validation_history(self, state: StateFolder) -> None:
+        """Maps the stored val chunks (``validation_data='all'``) that ``learner.json`` lists; a
+        resumed update keeps the chunks it holds, which must be the ones its checkpoint lists."""
+        history = self.learner.val_history
+        if self._loading_resume:
+            if not history.holds_loaded():
+                raise StateError(
+                    f"{state.path / 'learner.json'}: val_chunks {printable(history.loaded['val_chunks'][:10])} "
+                    f"differ from the update's {history.names[:10]}"
+                )
+            return
+        num_classes = int(getattr(self.model, "num_outputs", 0)) or None
+        history.attach(state, self.learner.updates_done, num_classes, self.learner.task_ids_seen)
+
     def load_state(self, state: StateFolder) -> None:
         """Loads a verified state folder's model, learner and memory into this updater (as a new
         updater on that folder would hold them)."""
@@ -235,7 +254,11 @@ class ModelUpdater:
         """Loads an in-progress checkpoint's model, learner and memory (after ``on_model_update_start``)."""
         self._check_state_matches(state)
         self._load_model_weights(state)
-        self._load_learner_state(state)
+        self._loading_resume = True
+        try:
+            self._load_learner_state(state)
+        finally:
+            self._loading_resume = False
 
     # ------------------------------------------------------------------ the update
     def update(
@@ -309,8 +332,23 @@ class ModelUpdater:
         return {k: v for k, v in self.learner_kwargs.items() if v is None or isinstance(v, bool | int | float | str)}
 
     def save_state(self, folder: str | Path) -> Path:
-        """Writes the full continual state to ``folder`` (atomically)."""
-        return write_state(folder, *self.state_payload())
+        """Writes the full continual state to ``folder`` (atomically): the mapped files
+        (``mapped_state_files``) read from an earlier state are hard-linked, not rewritten."""
+        manifest, json_files, tensor_files = self.state_payload()
+        mapped, linked = self.mapped_state_files()
+        written = write_state(folder, manifest, json_files, {**tensor_files, **mapped}, linked_files=linked)
+        if mapped:
+            self.mapped_files_written(written, parse_json((written / MANIFEST).read_bytes(), written / MANIFEST))
+        return written
+
+    def mapped_state_files(self) -> tuple[dict[str, dict[str, torch.Tensor]], dict[str, LinkedFile]]:
+        """The state's mapped files (``retain.state.is_mapped_file``): new ones as tensors to write,
+        those read from a verified state as linked files. Here: the stored validation chunks."""
+        return self.learner.val_history.files()
+
+    def mapped_files_written(self, folder: Path, manifest: dict[str, Any]) -> None:
+        """Records the mapped files just written into ``folder`` (so that later states link them)."""
+        self.learner.val_history.written(folder, manifest)
 
     def state_payload(self) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, torch.Tensor]]]:
         """(manifest, JSON files, tensor files) of the full state as it is now. Callables in the
