@@ -11,7 +11,7 @@ $(VENV)/.base: pyproject.toml constraints.txt
 	$(PIP) -e .
 	touch $@
 
-# The test extra adds pytest, hypothesis and ruff; the tune extra adds Syne Tune for `retain tune`;
+# The test extra adds pytest, hypothesis, ruff and mypy (for the stub test); the tune extra adds Syne Tune for `retain tune`;
 # the hf extra adds transformers for the text example (examples/text_config.py) and its test.
 $(VENV)/.test: $(VENV)/.base
 	$(PIP) -e '.[test,tune,hf]'
