@@ -29,6 +29,7 @@ import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
@@ -370,13 +371,18 @@ def _check_digest(path: Path, entry: dict[str, Any], digest: str, nbytes: int) -
 
 def _stream_digest(f: BinaryIO, keep: bool = False) -> tuple[str, bytes | None]:
     """sha256 of the rest of an open file, read into one reused ``_PIECE`` buffer (nothing the
-    size of the file is allocated; the bytes are kept, for a small JSON file, only when ``keep``)."""
+    size of the file is allocated; the bytes are kept, for a small JSON file, only when ``keep``).
+    The buffer is an anonymous map, unmapped on return: no freed heap stays in the process."""
     h, kept = hashlib.sha256(), []
-    buffer = memoryview(bytearray(_PIECE))
-    while n := f.readinto(buffer):
-        h.update(buffer[:n])
-        if keep:
-            kept.append(bytes(buffer[:n]))
+    with mmap.mmap(-1, _PIECE) as area:
+        buffer = memoryview(area)
+        try:
+            while n := f.readinto(buffer):
+                h.update(buffer[:n])
+                if keep:
+                    kept.append(bytes(buffer[:n]))
+        finally:
+            buffer.release()
     return h.hexdigest(), b"".join(kept) if keep else None
 
 
