@@ -19,7 +19,9 @@ Paths are guarded, because a state path that is not a state folder must never co
 Mapped files (``chunk_*.safetensors``, the joint baseline's data) are verified by the same
 streaming hash but never read into memory: ``StateFolder.mapped_file`` hands out their verified
 path for memory-mapped reading, and ``write_state(linked_files=...)`` places them in a later state
-by hard link (a copy where linking fails) instead of rewriting them.
+by hard link (a copy where linking fails) instead of rewriting them. ``StateFolder(defer_mapped=
+True)`` checks their sizes at load and leaves the hash to a background thread
+(``verify_mapped_in_background``), which its caller joins before relying on them.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ import re
 import secrets
 import shutil
 import stat
+import threading
 import time
 from collections import deque
 from collections.abc import Iterable
@@ -386,28 +389,88 @@ def _stream_digest(f: BinaryIO, keep: bool = False) -> tuple[str, bytes | None]:
     return h.hexdigest(), b"".join(kept) if keep else None
 
 
+def _open_mapped(path: Path, entry: dict[str, Any]) -> tuple[BinaryIO, tuple[int, int, int, int]]:
+    """Opens a mapped file without following a symlink and checks its size against the manifest;
+    (the open file, its identity)."""
+    f, size = _open_regular(path)
+    if size != entry["bytes"]:
+        f.close()
+        raise StateError(
+            f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+            "the file is truncated, corrupt or was edited"
+        )
+    return f, file_identity(os.fstat(f.fileno()))
+
+
+def _hash_mapped(f: BinaryIO, path: Path, entry: dict[str, Any], identity: tuple[int, int, int, int]) -> LinkedFile:
+    """Streaming sha256 of an opened mapped file against the manifest (refused if it changes while
+    it is hashed); records the inode in ``_VERIFIED`` once it has settled."""
+    started = time.time_ns()
+    digest, _ = _stream_digest(f)
+    if file_identity(os.fstat(f.fileno())) != identity:
+        raise StateError(f"{path}: the file changed while its checksum was being verified")
+    _check_digest(path, entry, digest, entry["bytes"])
+    if started - identity[3] >= _SETTLED_NS:
+        _VERIFIED[identity] = digest
+    return LinkedFile(path, digest, entry["bytes"], identity)
+
+
+def _recorded(identity: tuple[int, int, int, int], entry: dict[str, Any]) -> bool:
+    """Whether this inode was verified with this checksum earlier in the process (``_VERIFIED``)."""
+    return not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]
+
+
 def _verify_mapped(path: Path, entry: dict[str, Any]) -> LinkedFile:
     """Streaming size + sha256 check of a mapped file (skipped for an inode already verified in
     this process, see ``_VERIFIED``); the file's bytes are not kept. Opened without following a
     symlink; refused if it changes while it is hashed."""
-    f, size = _open_regular(path)
+    f, identity = _open_mapped(path, entry)
     with f:
-        identity = file_identity(os.fstat(f.fileno()))
-        if size != entry["bytes"]:
-            raise StateError(
-                f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
-                "the file is truncated, corrupt or was edited"
-            )
-        if not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]:
+        if _recorded(identity, entry):
             return LinkedFile(path, entry["sha256"], entry["bytes"], identity)
-        started = time.time_ns()
-        digest, _ = _stream_digest(f)
-        if file_identity(os.fstat(f.fileno())) != identity:
-            raise StateError(f"{path}: the file changed while its checksum was being verified")
-    _check_digest(path, entry, digest, size)
-    if started - identity[3] >= _SETTLED_NS:
-        _VERIFIED[identity] = digest
-    return LinkedFile(path, digest, size, identity)
+        return _hash_mapped(f, path, entry, identity)
+
+
+class MappedVerification:
+    """The checksums of a state's mapped files, verified by a background thread while the caller
+    goes on (``StateFolder(defer_mapped=True)``, then ``verify_mapped_in_background()``).
+
+    The thread hashes each file as ``StateFolder`` would at load (hashlib and reads release the
+    GIL, so it overlaps training), after checking that the path still names the inode whose size
+    was checked at load. ``join()`` waits for it and raises the StateError a load would have
+    raised; call it before writing anything that relies on the files (``write_state`` links them
+    as verified) and before handing out results computed from them."""
+
+    def __init__(self, files: list[tuple[Path, dict[str, Any], tuple[int, int, int, int]]]) -> None:
+        self.files = files
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if files:
+            self._thread = threading.Thread(target=self._run, name="retain-verify-mapped", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path, entry, identity in self.files:
+                f, _ = _open_regular(path)
+                with f:
+                    if file_identity(os.fstat(f.fileno())) != identity:
+                        raise StateError(f"{path}: the file changed after its size was checked")
+                    _hash_mapped(f, path, entry, identity)
+        except BaseException as err:  # handed to join(): the thread itself never raises
+            self.error = err
+
+    @property
+    def done(self) -> bool:
+        """Whether the thread has finished (successfully or not)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def join(self) -> None:
+        """Waits for every file's checksum; raises the first mismatch as a StateError naming the file."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _place_linked(source: LinkedFile, target: Path) -> None:
@@ -824,9 +887,12 @@ class StateFolder:
     checksummed by streaming (nothing is kept but the small JSON files); ``tensors(name)`` then reads
     a file straight into its tensors, verifying its checksum again as it reads. Mapped files
     (``is_mapped_file``) are checksummed the same way once and never read again here:
-    ``mapped_file(name)`` hands out their verified path and identity for a memory map."""
+    ``mapped_file(name)`` hands out their verified path and identity for a memory map (with
+    ``defer_mapped=True``: size-checked, their hash left to ``verify_mapped_in_background``)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, defer_mapped: bool = False) -> None:
+        """Opens and verifies ``folder``. With ``defer_mapped``, mapped files are checked for
+        existence, type and size here but hashed only by ``verify_mapped_in_background()``."""
         self.path = Path(folder)
         try:
             info = os.stat(self.path)  # the folder may be a link (e.g. latest -> v5); its files may not
@@ -846,8 +912,16 @@ class StateFolder:
             )
         self._json: dict[str, bytes] = {}
         self._mapped: dict[str, LinkedFile] = {}
+        self._unverified: list[tuple[Path, dict[str, Any], tuple[int, int, int, int]]] = []
         for name, entry in self.manifest["files"].items():
             path = self.path / name
+            if is_mapped_file(name) and defer_mapped:
+                f, identity = _open_mapped(path, entry)
+                f.close()
+                self._mapped[name] = LinkedFile(path, entry["sha256"], entry["bytes"], identity)
+                if not _recorded(identity, entry):
+                    self._unverified.append((path, entry, identity))
+                continue
             if is_mapped_file(name):
                 self._mapped[name] = _verify_mapped(path, entry)
                 continue
@@ -864,6 +938,13 @@ class StateFolder:
                 _check_digest(path, entry, digest, size)
             if kept is not None:
                 self._json[name] = kept
+
+    def verify_mapped_in_background(self) -> MappedVerification:
+        """Starts hashing the mapped files whose checksums ``defer_mapped=True`` left unverified (at
+        most once: a second call has nothing left to verify); ``join()`` the result before relying
+        on them. Until then, ``mapped_file`` hands out their paths with the manifest's checksums."""
+        files, self._unverified = self._unverified, []
+        return MappedVerification(files)
 
     def has(self, name: str) -> bool:
         """Whether the state lists the file ``name``: a JSON, tensor or mapped file (the manifest
