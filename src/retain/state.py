@@ -249,6 +249,14 @@ def write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> dict[str, An
     GIL), so the hash overlaps the writes and, for the last pieces, the fsync: a small state costs
     about one write plus one fsync, a large one runs at disk speed. The hash is of the bytes
     handed to the writer, exactly as written."""
+    if isinstance(chunks, list | tuple) and sum(memoryview(c).nbytes for c in chunks) <= _PIECE:
+        digest = hashlib.sha256()  # a small file (JSON): no thread to start, the fsync dominates
+        with open(path, "xb") as f:
+            for data in chunks:
+                f.write(data)
+                digest.update(data)
+            _flush_and_sync(f)
+        return {"sha256": digest.hexdigest(), "bytes": sum(memoryview(c).nbytes for c in chunks)}
     digest, nbytes = hashlib.sha256(), 0
     unhashed: deque[memoryview] = deque()
     writes: deque[Future[Any]] = deque()
@@ -738,17 +746,31 @@ def lock_output_folder(folder: str | Path) -> OutputLock:
 def _write_files(
     tmp: Path, json_files: dict[str, Any], tensor_files: dict[str, dict[str, torch.Tensor]]
 ) -> dict[str, dict[str, Any]]:
-    """Writes the JSON and tensor files of a state into ``tmp`` at the same time, one thread per
-    file, each through ``write_file`` (written, hashed and fsynced): the small files' fsyncs
-    overlap the large ones' instead of each costing a journal commit of its own. Returns their
-    manifest entries once every file is on disk; the first error is raised once all have stopped."""
+    """Writes the JSON and tensor files of a state into ``tmp`` at the same time, each through
+    ``write_file`` (written, hashed and fsynced), the largest in the calling thread and each other
+    one in a thread of its own: the small files' fsyncs overlap the large one's instead of each
+    costing a journal commit of its own. Returns their manifest entries once every file is on
+    disk; an error is raised once all writes have stopped."""
     jobs: list[tuple[str, Any]] = [(name, lambda obj=obj: [json_bytes(obj)]) for name, obj in json_files.items()]
     jobs += [(name, lambda t=tensors: safetensors_chunks(t)) for name, tensors in tensor_files.items()]
     if len(jobs) <= 1:
         return {name: write_file(tmp / name, pieces()) for name, pieces in jobs}
-    with ThreadPoolExecutor(len(jobs)) as pool:  # write_file is looked up at each call (tests wrap it)
-        futures = {name: pool.submit(lambda n, p: write_file(tmp / n, p()), name, pieces) for name, pieces in jobs}
-    return {name: future.result() for name, future in futures.items()}
+    sizes = {name: sum(t.numel() * t.element_size() for t in ts.values()) for name, ts in tensor_files.items()}
+    largest = max(sizes, key=lambda n: sizes[n]) if sizes else jobs[0][0]
+    files: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(len(jobs) - 1) as pool:  # write_file is looked up at each call (tests wrap it)
+        futures = {
+            name: pool.submit(lambda n, p: write_file(tmp / n, p()), name, pieces)
+            for name, pieces in jobs
+            if name != largest
+        }
+        try:  # the largest file in this thread: no thread start on the longest path
+            files[largest] = write_file(tmp / largest, dict(jobs)[largest]())
+        finally:
+            for future in futures.values():
+                future.exception()  # all have stopped before an error leaves (the folder is then removed)
+    files.update((name, future.result()) for name, future in futures.items())
+    return files
 
 
 def write_state(
