@@ -216,7 +216,7 @@ def table_state_io(args: argparse.Namespace) -> list[str]:
     sys.path.insert(0, str(Path(__file__).resolve().parent))
     from scale_state import state_io_rows
 
-    return state_io_rows(list(args.sizes))
+    return state_io_rows(list(args.sizes), repeats=1 if args.quick else args.repeats)
 
 
 TABLES: dict[str, Callable[[argparse.Namespace], list[str]]] = {
@@ -234,7 +234,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--steps", type=int, default=500, help="timed DER++ steps per memory size")
     parser.add_argument("--calls", type=int, default=2000, help="timed sample() calls per memory size")
     parser.add_argument("--threads", type=int, default=1, help="torch threads")
-    parser.add_argument("--quick", action="store_true", help="fewer steps and calls")
+    parser.add_argument("--repeats", type=int, default=5, help="fresh-process measurements per state I/O row (medians)")
+    parser.add_argument("--quick", action="store_true", help="fewer steps, calls and repeats")
     parser.add_argument("--growth-child", choices=["grow", "preallocate"], help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)

@@ -8,20 +8,25 @@ Tables (each a function, printed by ``main``):
    the state's size, and the disk bytes each update adds (files not shared with the previous
    state), as medians of updates 2-6 and of the last five; plus the load of state N-1 in a fresh
    process, where no file has been verified yet (Joint hashes every chunk there).
-2. ``first_update_table``: in fresh processes, the first and the second 10-step update (digits,
+2. ``fresh_table``: Joint's update 2 and update ``--updates`` each in a fresh process, where every
+   chunk is hashed: load, ``update()`` (training, then the wait for the background verification),
+   save and whole-process wall, with the chunks verified at load (the sequential path) and while
+   training (the default); medians of ``--repeats`` interleaved runs.
+3. ``first_update_table``: in fresh processes, the first and the second 10-step update (digits,
    DER++, each from the same input state: updater construction + update + save); medians.
-3. ``cli_wall_table``: whole-process wall of ``retain update`` (a 10-step update of
+4. ``cli_wall_table``: whole-process wall of ``retain update`` (a 10-step update of
    examples/digits_config.py) and, with ``--mnist-dir``, of ``retain benchmark --method er
    --dataset mnist`` (the DER paper's Split-MNIST protocol); medians of ``--repeats`` runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_joint.py [--updates 50] [--items 1000]
-        [--repeats 3] [--mnist-dir ../shared/data] [--tables overhead first cli]
+        [--repeats 3] [--mnist-dir ../shared/data] [--tables overhead fresh first cli]
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import json
 import os
 import resource
 import shutil
@@ -156,6 +161,76 @@ def overhead_table(updates: int, items: int) -> str:
     return "\n".join([*lines, "", *extra])
 
 
+_FRESH_UPDATE = """
+import json, sys, time
+sys.path.insert(0, {bench!r})
+import torch
+torch.set_num_threads(1)
+from pathlib import Path
+from retain import JointModelUpdater
+from scale_joint import _chunk, _updater
+JointModelUpdater.verify_chunks_in_background = {background!r}
+started = time.perf_counter()
+updater = _updater("joint", Path({folder!r}))
+loaded = time.perf_counter()
+updater.update(_chunk({k!r}, {items!r}))  # returns once the background verification is joined
+trained = time.perf_counter()
+updater.save_state(Path({out!r}))
+saved = time.perf_counter()
+print(json.dumps({{"load_s": loaded - started, "update_s": trained - loaded, "save_s": saved - trained,
+                  "whole_s": saved - started}}))
+"""
+
+
+def fresh_process_update(folder: Path, out: Path, k: int, items: int, background: bool) -> dict[str, float]:
+    """One Joint update from ``folder`` (state ``k``) in a new process: seconds of the load (updater
+    construction), of ``update`` (training, then waiting for the chunks' verification), of the save,
+    of the three together, and the whole process's wall time (interpreter and imports included)."""
+    program = _FRESH_UPDATE.format(
+        bench=str(Path(__file__).parent), background=background, folder=str(folder), k=k, items=items, out=str(out)
+    )
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    started = time.perf_counter()
+    done = subprocess.run([sys.executable, "-c", program], check=True, capture_output=True, text=True, env=env)
+    row = json.loads(done.stdout.strip().splitlines()[-1])
+    row["process_s"] = time.perf_counter() - started
+    shutil.rmtree(out)
+    return row
+
+
+def fresh_table(updates: int, items: int, repeats: int) -> str:
+    """Joint's update 2 and update ``updates`` in fresh processes (nothing hashed before in the
+    process), the chunks verified at load (``verify_chunks_in_background = False``, the sequential
+    path) and while training (the default); medians of ``repeats`` interleaved runs."""
+    lines = [
+        f"Joint in fresh processes: update 2 and update {updates} ({items} float32 3x32x32 items per update), "
+        f"every chunk of the input state hashed in the process; medians of {repeats} interleaved runs:",
+        "",
+        "| chunks verified | update | load s | update() s (train + wait) | save s | load+update+save s "
+        "| process wall s |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    with tempfile.TemporaryDirectory(prefix="retain-scale-fresh-") as tmp:
+        per_update_overhead("joint", updates - 1, items, Path(tmp))  # states joint000 ... (updates - 2)
+        cells: dict[tuple[bool, int], list[dict[str, float]]] = {}
+        for _ in range(repeats):
+            for update in (2, updates):
+                for background in (False, True):
+                    folder = Path(tmp) / f"joint{update - 2:03d}"
+                    row = fresh_process_update(folder, Path(tmp) / "out", update - 1, items, background)
+                    cells.setdefault((background, update), []).append(row)
+    for background in (False, True):
+        for update in (2, updates):
+            rows = cells[(background, update)]
+            m = {key: statistics.median(r[key] for r in rows) for key in rows[0]}
+            how = "while training (background)" if background else "at load (sequential)"
+            lines.append(
+                f"| {how} | {update} | {m['load_s']:.3f} | {m['update_s']:.3f} | {m['save_s']:.3f} "
+                f"| {m['whole_s']:.3f} | {m['process_s']:.2f} |"
+            )
+    return "\n".join(lines)
+
+
 _TWO_UPDATES = """
 import functools, sys, time
 import torch
@@ -264,7 +339,7 @@ def cli_wall_table(repeats: int, mnist_dir: Path | None) -> str:
     ])  # fmt: skip
 
 
-TABLES = ("overhead", "first", "cli")
+TABLES = ("overhead", "fresh", "first", "cli")
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -281,6 +356,8 @@ def main(argv: list[str] | None = None) -> None:
         print()
         if table == "overhead":
             print(overhead_table(args.updates, args.items))
+        elif table == "fresh":
+            print(fresh_table(args.updates, args.items, args.repeats))
         elif table == "first":
             print(first_update_table(args.repeats))
         else:

@@ -30,6 +30,7 @@ from torch import Tensor
 
 import retain.nested as nested
 from retain.nested import NestedTensors
+from retain.state import all_finite
 
 MEMORY_DEVICES = ("same", "cpu", "pinned")
 INITIAL_ROWS = 64  # first allocation (rows); storage then doubles up to memory_size + 1
@@ -749,16 +750,8 @@ def _check_columns(
                 f"metadata column {name!r} has per-item shape {tuple(value.shape[1:])}, expected {tuple(shape)}"
             )
     for key, value in tensors.items():
-        if value.dtype.is_floating_point and not _all_finite(value):
+        if value.dtype.is_floating_point and not all_finite(value):
             raise _bad_tensors(f"tensor {key!r} contains NaN or Inf")
-
-
-def _all_finite(value: Tensor, chunk_bytes: int = 8 << 20) -> bool:
-    """``isfinite(value).all()`` in chunks of rows (no temporary the size of a large memory)."""
-    if value.numel() == 0:
-        return True
-    rows = max(1, chunk_bytes // max(1, value[0].numel() * value.element_size()))
-    return all(bool(torch.isfinite(part).all()) for part in value.split(rows))
 
 
 def _check_pad_values(values: Any, where: str) -> dict[str, float]:

@@ -20,7 +20,9 @@ Mapped files (``chunk_*.safetensors``, the joint baseline's data, and ``val_chun
 the validation data of earlier updates) are verified by the same
 streaming hash but never read into memory: ``StateFolder.mapped_file`` hands out their verified
 path for memory-mapped reading, and ``write_state(linked_files=...)`` places them in a later state
-by hard link (a copy where linking fails) instead of rewriting them.
+by hard link (a copy where linking fails) instead of rewriting them. ``StateFolder(defer_mapped=
+True)`` checks their sizes at load and leaves the hash to a background thread
+(``verify_mapped_in_background``), which its caller joins before relying on them.
 """
 
 from __future__ import annotations
@@ -30,15 +32,18 @@ import fcntl
 import hashlib
 import json
 import math
+import mmap
 import os
 import re
 import secrets
 import shutil
 import stat
 import tempfile
+import threading
 import time
+from collections import deque
 from collections.abc import Callable, Iterable
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, BinaryIO
@@ -56,7 +61,9 @@ MAX_JSON_DEPTH = 32
 MAX_HEADER_BYTES = 64 * 2**20
 MAX_TASK_IDS = 100_000
 MAX_HYPERPARAMETER_VALUES = 4096  # numbers, strings and containers in the model's constructor arguments
-_CHUNK = 8 * 2**20
+_CHUNK = 8 * 2**20  # bytes per read of a file into a tensor
+_PIECE = 2**20  # bytes per write call and per read while hashing a file
+_AHEAD = 16  # pieces a write may run ahead of its hash
 _MANIFEST_KEYS = {
     "format": str,
     "format_version": int,
@@ -232,25 +239,52 @@ def fsync_path(path: Path) -> None:
         os.close(fd)
 
 
+def _flush_and_sync(f: BinaryIO) -> None:
+    f.flush()
+    os.fsync(f.fileno())
+
+
 def write_file(path: Path, chunks: Iterable[bytes | memoryview]) -> dict[str, Any]:
-    """Writes a new file from ``chunks`` and fsyncs it; returns its sha256 and size. The write of one
-    piece overlaps the hash of the next (both release the GIL): a state is written near disk speed.
-    Every file of a state folder is written through this one function."""
-    digest, nbytes, pending = hashlib.sha256(), 0, None
+    """Writes a new file from ``chunks`` and fsyncs it; returns its sha256 and size. Every file of a
+    state folder is written through this one function.
+
+    One thread writes the pieces (``_PIECE`` bytes each) and then fsyncs the file; the calling
+    thread hashes the same pieces up to ``_AHEAD`` pieces behind the writes (both release the
+    GIL), so the hash overlaps the writes and, for the last pieces, the fsync: a small state costs
+    about one write plus one fsync, a large one runs at disk speed. The hash is of the bytes
+    handed to the writer, exactly as written."""
+    if isinstance(chunks, list | tuple) and sum(memoryview(c).nbytes for c in chunks) <= _PIECE:
+        digest = hashlib.sha256()  # a small file (JSON): no thread to start, the fsync dominates
+        with open(path, "xb") as f:
+            for data in chunks:
+                f.write(data)
+                digest.update(data)
+            _flush_and_sync(f)
+        return {"sha256": digest.hexdigest(), "bytes": sum(memoryview(c).nbytes for c in chunks)}
+    digest, nbytes = hashlib.sha256(), 0
+    unhashed: deque[memoryview] = deque()
+    writes: deque[Future[Any]] = deque()
     with open(path, "xb") as f, ThreadPoolExecutor(1) as pool:
-        for data in chunks:
-            view = memoryview(data).cast("B")
-            for start in range(0, len(view), _CHUNK):
-                piece = view[start : start + _CHUNK]
-                if pending is not None:
-                    pending.result()
-                pending = pool.submit(f.write, piece)
-                digest.update(piece)
-                nbytes += len(piece)
-        if pending is not None:
-            pending.result()
-        f.flush()
-        os.fsync(f.fileno())
+        try:
+            for data in chunks:
+                view = memoryview(data).cast("B")
+                for start in range(0, len(view), _PIECE):
+                    piece = view[start : start + _PIECE]
+                    writes.append(pool.submit(f.write, piece))
+                    unhashed.append(piece)
+                    nbytes += len(piece)
+                    if len(unhashed) > _AHEAD:  # bounds the bytes a stream of new pieces keeps alive
+                        digest.update(unhashed.popleft())
+                        writes.popleft().result()
+            synced = pool.submit(_flush_and_sync, f)
+            while unhashed:
+                digest.update(unhashed.popleft())
+            for done in writes:
+                done.result()
+            synced.result()
+        except BaseException:
+            pool.shutdown(wait=True, cancel_futures=True)  # nothing more is written to a failed file
+            raise
     return {"sha256": digest.hexdigest(), "bytes": nbytes}
 
 
@@ -368,37 +402,104 @@ def _check_digest(path: Path, entry: dict[str, Any], digest: str, nbytes: int) -
 
 
 def _stream_digest(f: BinaryIO, keep: bool = False) -> tuple[str, bytes | None]:
-    """sha256 of the rest of an open file, read in pieces (the bytes kept only when ``keep``)."""
+    """sha256 of the rest of an open file, read into one reused ``_PIECE`` buffer (nothing the
+    size of the file is allocated; the bytes are kept, for a small JSON file, only when ``keep``).
+    The buffer is an anonymous map, unmapped on return: no freed heap stays in the process."""
     h, kept = hashlib.sha256(), []
-    while chunk := f.read(_CHUNK):
-        h.update(chunk)
-        if keep:
-            kept.append(chunk)
+    with mmap.mmap(-1, _PIECE) as area:
+        buffer = memoryview(area)
+        try:
+            while n := f.readinto(buffer):
+                h.update(buffer[:n])
+                if keep:
+                    kept.append(bytes(buffer[:n]))
+        finally:
+            buffer.release()
     return h.hexdigest(), b"".join(kept) if keep else None
+
+
+def _open_mapped(path: Path, entry: dict[str, Any]) -> tuple[BinaryIO, tuple[int, int, int, int]]:
+    """Opens a mapped file without following a symlink and checks its size against the manifest;
+    (the open file, its identity)."""
+    f, size = _open_regular(path)
+    if size != entry["bytes"]:
+        f.close()
+        raise StateError(
+            f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+            "the file is truncated, corrupt or was edited"
+        )
+    return f, file_identity(os.fstat(f.fileno()))
+
+
+def _hash_mapped(f: BinaryIO, path: Path, entry: dict[str, Any], identity: tuple[int, int, int, int]) -> LinkedFile:
+    """Streaming sha256 of an opened mapped file against the manifest (refused if it changes while
+    it is hashed); records the inode in ``_VERIFIED`` once it has settled."""
+    started = time.time_ns()
+    digest, _ = _stream_digest(f)
+    if file_identity(os.fstat(f.fileno())) != identity:
+        raise StateError(f"{path}: the file changed while its checksum was being verified")
+    _check_digest(path, entry, digest, entry["bytes"])
+    if started - identity[3] >= _SETTLED_NS:
+        _VERIFIED[identity] = digest
+    return LinkedFile(path, digest, entry["bytes"], identity)
+
+
+def _recorded(identity: tuple[int, int, int, int], entry: dict[str, Any]) -> bool:
+    """Whether this inode was verified with this checksum earlier in the process (``_VERIFIED``)."""
+    return not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]
 
 
 def _verify_mapped(path: Path, entry: dict[str, Any]) -> LinkedFile:
     """Streaming size + sha256 check of a mapped file (skipped for an inode already verified in
     this process, see ``_VERIFIED``); the file's bytes are not kept. Opened without following a
     symlink; refused if it changes while it is hashed."""
-    f, size = _open_regular(path)
+    f, identity = _open_mapped(path, entry)
     with f:
-        identity = file_identity(os.fstat(f.fileno()))
-        if size != entry["bytes"]:
-            raise StateError(
-                f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
-                "the file is truncated, corrupt or was edited"
-            )
-        if not VERIFY_MAPPED_EVERY_TIME and _VERIFIED.get(identity) == entry["sha256"]:
+        if _recorded(identity, entry):
             return LinkedFile(path, entry["sha256"], entry["bytes"], identity)
-        started = time.time_ns()
-        digest, _ = _stream_digest(f)
-        if file_identity(os.fstat(f.fileno())) != identity:
-            raise StateError(f"{path}: the file changed while its checksum was being verified")
-    _check_digest(path, entry, digest, size)
-    if started - identity[3] >= _SETTLED_NS:
-        _VERIFIED[identity] = digest
-    return LinkedFile(path, digest, size, identity)
+        return _hash_mapped(f, path, entry, identity)
+
+
+class MappedVerification:
+    """The checksums of a state's mapped files, verified by a background thread while the caller
+    goes on (``StateFolder(defer_mapped=True)``, then ``verify_mapped_in_background()``).
+
+    The thread hashes each file as ``StateFolder`` would at load (hashlib and reads release the
+    GIL, so it overlaps training), after checking that the path still names the inode whose size
+    was checked at load. ``join()`` waits for it and raises the StateError a load would have
+    raised; call it before writing anything that relies on the files (``write_state`` links them
+    as verified) and before handing out results computed from them."""
+
+    def __init__(self, files: list[tuple[Path, dict[str, Any], tuple[int, int, int, int]]]) -> None:
+        self.files = files
+        self.error: BaseException | None = None
+        self._thread: threading.Thread | None = None
+        if files:
+            self._thread = threading.Thread(target=self._run, name="retain-verify-mapped", daemon=True)
+            self._thread.start()
+
+    def _run(self) -> None:
+        try:
+            for path, entry, identity in self.files:
+                f, _ = _open_regular(path)
+                with f:
+                    if file_identity(os.fstat(f.fileno())) != identity:
+                        raise StateError(f"{path}: the file changed after its size was checked")
+                    _hash_mapped(f, path, entry, identity)
+        except BaseException as err:  # handed to join(): the thread itself never raises
+            self.error = err
+
+    @property
+    def done(self) -> bool:
+        """Whether the thread has finished (successfully or not)."""
+        return self._thread is None or not self._thread.is_alive()
+
+    def join(self) -> None:
+        """Waits for every file's checksum; raises the first mismatch as a StateError naming the file."""
+        if self._thread is not None:
+            self._thread.join()
+        if self.error is not None:
+            raise self.error
 
 
 def _place_linked(source: LinkedFile, target: Path) -> None:
@@ -414,7 +515,7 @@ def _place_linked(source: LinkedFile, target: Path) -> None:
         except FileNotFoundError:
             raise StateError(f"{source.path}: a file the new state reuses is missing") from None
         with f:
-            written = write_file(target, iter(lambda: f.read(_CHUNK), b""))
+            written = write_file(target, iter(lambda: f.read(_PIECE), b""))
         digest, size = written["sha256"], written["bytes"]
     else:
         info = os.lstat(target)
@@ -663,6 +764,36 @@ def lock_output_folder(folder: str | Path) -> OutputLock:
 
 
 # ------------------------------------------------------------------------------------------ write
+def _write_files(
+    tmp: Path, json_files: dict[str, Any], tensor_files: dict[str, dict[str, torch.Tensor]]
+) -> dict[str, dict[str, Any]]:
+    """Writes the JSON and tensor files of a state into ``tmp`` at the same time, each through
+    ``write_file`` (written, hashed and fsynced), the largest in the calling thread and each other
+    one in a thread of its own: the small files' fsyncs overlap the large one's instead of each
+    costing a journal commit of its own. Returns their manifest entries once every file is on
+    disk; an error is raised once all writes have stopped."""
+    jobs: list[tuple[str, Any]] = [(name, lambda obj=obj: [json_bytes(obj)]) for name, obj in json_files.items()]
+    jobs += [(name, lambda t=tensors: safetensors_chunks(t)) for name, tensors in tensor_files.items()]
+    if len(jobs) <= 1:
+        return {name: write_file(tmp / name, pieces()) for name, pieces in jobs}
+    sizes = {name: sum(t.numel() * t.element_size() for t in ts.values()) for name, ts in tensor_files.items()}
+    largest = max(sizes, key=lambda n: sizes[n]) if sizes else jobs[0][0]
+    files: dict[str, dict[str, Any]] = {}
+    with ThreadPoolExecutor(len(jobs) - 1) as pool:  # write_file is looked up at each call (tests wrap it)
+        futures = {
+            name: pool.submit(lambda n, p: write_file(tmp / n, p()), name, pieces)
+            for name, pieces in jobs
+            if name != largest
+        }
+        try:  # the largest file in this thread: no thread start on the longest path
+            files[largest] = write_file(tmp / largest, dict(jobs)[largest]())
+        finally:
+            for future in futures.values():
+                future.exception()  # all have stopped before an error leaves (the folder is then removed)
+    files.update((name, future.result()) for name, future in futures.items())
+    return files
+
+
 def write_state(
     folder: str | Path,
     manifest: dict[str, Any],
@@ -695,11 +826,7 @@ def write_state(
     os.mkdir(tmp)
     old: Path | None = None
     try:
-        files: dict[str, dict[str, Any]] = {}
-        for name, obj in json_files.items():
-            files[name] = write_file(tmp / name, [json_bytes(obj)])
-        for name, tensors in tensor_files.items():
-            files[name] = write_file(tmp / name, safetensors_chunks(tensors))
+        files = _write_files(tmp, json_files, tensor_files)
         for name, source in linked_files.items():
             _place_linked(source, tmp / name)
             files[name] = {"sha256": source.sha256, "bytes": source.bytes}
@@ -803,9 +930,12 @@ class StateFolder:
     checksummed by streaming (nothing is kept but the small JSON files); ``tensors(name)`` then reads
     a file straight into its tensors, verifying its checksum again as it reads. Mapped files
     (``is_mapped_file``) are checksummed the same way once and never read again here:
-    ``mapped_file(name)`` hands out their verified path and identity for a memory map."""
+    ``mapped_file(name)`` hands out their verified path and identity for a memory map (with
+    ``defer_mapped=True``: size-checked, their hash left to ``verify_mapped_in_background``)."""
 
-    def __init__(self, folder: str | Path) -> None:
+    def __init__(self, folder: str | Path, defer_mapped: bool = False) -> None:
+        """Opens and verifies ``folder``. With ``defer_mapped``, mapped files are checked for
+        existence, type and size here but hashed only by ``verify_mapped_in_background()``."""
         self.path = Path(folder)
         try:
             info = os.stat(self.path)  # the folder may be a link (e.g. latest -> v5); its files may not
@@ -825,8 +955,16 @@ class StateFolder:
             )
         self._json: dict[str, bytes] = {}
         self._mapped: dict[str, LinkedFile] = {}
+        self._unverified: list[tuple[Path, dict[str, Any], tuple[int, int, int, int]]] = []
         for name, entry in self.manifest["files"].items():
             path = self.path / name
+            if is_mapped_file(name) and defer_mapped:
+                f, identity = _open_mapped(path, entry)
+                f.close()
+                self._mapped[name] = LinkedFile(path, entry["sha256"], entry["bytes"], identity)
+                if not _recorded(identity, entry):
+                    self._unverified.append((path, entry, identity))
+                continue
             if is_mapped_file(name):
                 self._mapped[name] = _verify_mapped(path, entry)
                 continue
@@ -843,6 +981,13 @@ class StateFolder:
                 _check_digest(path, entry, digest, size)
             if kept is not None:
                 self._json[name] = kept
+
+    def verify_mapped_in_background(self) -> MappedVerification:
+        """Starts hashing the mapped files whose checksums ``defer_mapped=True`` left unverified (at
+        most once: a second call has nothing left to verify); ``join()`` the result before relying
+        on them. Until then, ``mapped_file`` hands out their paths with the manifest's checksums."""
+        files, self._unverified = self._unverified, []
+        return MappedVerification(files)
 
     def has(self, name: str) -> bool:
         """Whether the state lists the file ``name``: a JSON, tensor or mapped file (the manifest
@@ -954,9 +1099,24 @@ def tensor_specs(tensors: dict[str, torch.Tensor]) -> dict[str, tuple[torch.dtyp
     return {k: (v.dtype, tuple(v.shape)) for k, v in tensors.items()}
 
 
+def all_finite(value: torch.Tensor) -> bool:
+    """Whether a tensor holds no NaN and no Inf, in one pass that allocates nothing the size of the
+    tensor (``isfinite(value).all()`` makes ~1.4x its size in temporaries): ``aminmax`` propagates
+    NaN, so its min and max are both finite only when every value is. Dtypes without ``aminmax``
+    (float8) are checked 256k values at a time, as float32. Non-floating-point tensors are finite."""
+    if not value.dtype.is_floating_point or value.numel() == 0:
+        return True
+    try:
+        low, high = torch.aminmax(value)
+    except (RuntimeError, NotImplementedError):
+        flat, step = value.reshape(-1), _PIECE // 4
+        return all(bool(torch.isfinite(flat[i : i + step].float()).all()) for i in range(0, flat.numel(), step))
+    return bool(torch.isfinite(low) & torch.isfinite(high))
+
+
 def check_finite(tensors: dict[str, torch.Tensor], where: str | Path) -> None:
     for name, value in tensors.items():
-        if value.dtype.is_floating_point and not bool(torch.isfinite(value).all()):
+        if not all_finite(value):
             raise StateError(f"{where}: tensor {name!r} contains NaN or Inf")
 
 

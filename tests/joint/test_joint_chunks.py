@@ -126,14 +126,19 @@ def test_a_missing_chunk_is_refused_naming_the_file(tmp_path: Path) -> None:
         _updater(s1, None)
 
 
-def test_an_altered_chunk_is_refused_naming_the_file(tmp_path: Path) -> None:
+@pytest.mark.parametrize("background", [True, False], ids=["verified-while-training", "verified-at-load"])
+def test_an_altered_chunk_is_refused_naming_the_file(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, background: bool
+) -> None:
     _, s1 = _run(tmp_path, 2)
     path = s1 / chunk_name(1)
     data = bytearray(path.read_bytes())
     data[-5] ^= 0x01
     path.write_bytes(bytes(data))
+    monkeypatch.setattr(JointModelUpdater, "verify_chunks_in_background", background)
     with pytest.raises(StateError, match=r"chunk_000001.safetensors: checksum mismatch"):
-        _updater(s1, None)
+        _updater(s1, tmp_path / "s2").update(_chunk(2))
+    assert not (tmp_path / "s2").exists()
 
 
 def test_a_chunk_altered_after_an_earlier_verification_in_the_process_is_refused(tmp_path: Path) -> None:
@@ -142,7 +147,7 @@ def test_a_chunk_altered_after_an_earlier_verification_in_the_process_is_refused
     path = s1 / chunk_name(0)
     old = path.stat().st_mtime_ns - 5_000_000_000
     os.utime(path, ns=(old, old))  # settled: its first verification is recorded
-    _updater(s1, None)
+    _updater(s1, None).join_chunk_verification()
     assert any(key[1] == path.stat().st_ino for key in state_module._VERIFIED)
     with open(path, "r+b") as f:  # an in-place edit of the same size
         f.seek(-3, os.SEEK_END)
@@ -150,13 +155,14 @@ def test_a_chunk_altered_after_an_earlier_verification_in_the_process_is_refused
         f.seek(-3, os.SEEK_END)
         f.write(bytes([byte[0] ^ 0x10]))
     with pytest.raises(StateError, match=r"chunk_000000.safetensors: checksum mismatch"):
-        _updater(s1, None)
+        _updater(s1, None).join_chunk_verification()
 
 
 def test_a_chunk_altered_between_load_and_save_is_not_linked(tmp_path: Path) -> None:
     _, s1 = _run(tmp_path, 2)
     updater = _updater(s1, tmp_path / "s2")
-    _flip_an_input_bit(s1 / chunk_name(0))  # in place, after the checksum was verified at load
+    updater.join_chunk_verification()
+    _flip_an_input_bit(s1 / chunk_name(0))  # in place, after the checksum was verified
     with pytest.raises(StateError, match=r"chunk_000000.safetensors: the file the new state reuses was altered"):
         updater.update(_chunk(2))
     assert not (tmp_path / "s2").exists()
@@ -225,7 +231,8 @@ def test_chunks_are_copied_and_verified_where_hard_links_fail(tmp_path: Path, mo
     assert len(_updater(s2, None).learner.chunks) == 3
 
     updater = _updater(s2, tmp_path / "s3")
-    _flip_an_input_bit(s2 / chunk_name(1))  # altered before the copy
+    updater.join_chunk_verification()
+    _flip_an_input_bit(s2 / chunk_name(1))  # altered after its verification, before the copy
     with pytest.raises(StateError, match=r"chunk_000001.safetensors: the file the new state reuses was altered"):
         updater.update(_chunk(3))
 
@@ -292,9 +299,9 @@ def test_verify_mapped_every_time_hashes_even_a_recorded_inode(tmp_path: Path, m
     path = s1 / chunk_name(0)
     old = path.stat().st_mtime_ns - 5_000_000_000
     os.utime(path, ns=(old, old))
-    _updater(s1, None)  # recorded
+    _updater(s1, None).join_chunk_verification()  # recorded
     _flip_an_input_bit(path)
     os.utime(path, ns=(old, old))
     monkeypatch.setattr(state_module, "VERIFY_MAPPED_EVERY_TIME", True)
     with pytest.raises(StateError, match=r"chunk_000000.safetensors: checksum mismatch"):
-        _updater(s1, None)
+        _updater(s1, None).join_chunk_verification()

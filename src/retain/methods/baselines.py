@@ -30,6 +30,7 @@ from retain.options import (
 from retain.state import (
     MAPPED_PREFIX,
     LinkedFile,
+    MappedVerification,
     StateError,
     StateFolder,
     file_identity,
@@ -37,7 +38,7 @@ from retain.state import (
     parse_json,
     printable,
 )
-from retain.updaters.base import SingleTrainingLoopUpdater
+from retain.updaters.base import SingleTrainingLoopUpdater, wants_ddp
 
 
 class _BaselineModelUpdater(SingleTrainingLoopUpdater):
@@ -297,6 +298,46 @@ class JointModelUpdater(_BaselineModelUpdater):
 
     learner_class = JointLearner
     learner: JointLearner
+    # Set False to hash every chunk of the input state at load, before training (the sequential path).
+    verify_chunks_in_background = True
+    _chunk_check: MappedVerification | None = None
+
+    def _defer_mapped_verification(self) -> bool:
+        """The chunks of earlier updates are hashed by a background thread while the update trains
+        (``StateFolder.verify_mapped_in_background``), so that a load in a fresh process does not
+        read all data first; their sizes and headers are still checked at load. Not with
+        in-progress checkpoints (they are written during training) nor multi-process updates."""
+        return (
+            self.verify_chunks_in_background and not self.options.checkpoint_every_n_epochs
+            and not wants_ddp(self.options)
+        )  # fmt: skip
+
+    def join_chunk_verification(self) -> None:
+        """Waits for the background verification of the input chunks; raises the StateError a load
+        would have raised (a chunk altered, naming the file) at every call once one failed."""
+        if self._chunk_check is not None:
+            self._chunk_check.join()
+
+    def update(
+        self,
+        train_dataset: Dataset,
+        val_dataset: Dataset | None = None,
+        train_dataset_collate_fn: Any = None,
+        val_dataset_collate_fn: Any = None,
+        task_id: str | None = None,
+    ) -> ContinualModel:
+        """Trains on all data so far (see ``ModelUpdater.update``). The input chunks' checksums are
+        verified while it trains and joined before the state is written and before it returns: an
+        altered chunk raises its StateError and nothing is written."""
+        try:
+            model = super().update(
+                train_dataset, val_dataset, train_dataset_collate_fn, val_dataset_collate_fn, task_id
+            )
+        except BaseException:
+            self.join_chunk_verification()  # an altered chunk is the error to report
+            raise
+        self.join_chunk_verification()
+        return model
 
     def _load_learner_state(self, state: StateFolder) -> None:
         super()._load_learner_state(state)
@@ -310,7 +351,8 @@ class JointModelUpdater(_BaselineModelUpdater):
                     f"differ from the update's {self.learner.chunk_names[:10]}"
                 )
             return
-        self.learner.attach_chunks(state)
+        self.learner.attach_chunks(state)  # headers and sizes checked now, before anything is allocated
+        self._chunk_check = state.verify_mapped_in_background()  # nothing to do if they were hashed at load
 
     def mapped_state_files(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
         """The data chunks (the new one as a file, the earlier ones hard-linked) and the val chunks."""
@@ -321,3 +363,8 @@ class JointModelUpdater(_BaselineModelUpdater):
     def mapped_files_written(self, folder: Path, manifest: dict[str, Any]) -> None:
         super().mapped_files_written(folder, manifest)
         self.learner.chunks_written(folder, manifest)
+
+    def save_state(self, folder: str | Path) -> Path:
+        """Writes the state once the earlier chunks' checksums are verified (``join_chunk_verification``)."""
+        self.join_chunk_verification()
+        return super().save_state(folder)

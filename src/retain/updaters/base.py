@@ -133,7 +133,9 @@ class ModelUpdater:
             self.model = model.to(self.device)
             if self.options.float64:  # before the weights are loaded: a float64 state holds float64 tensors
                 use_float64(self.model)
-            state = StateFolder(self.input_state_folder) if self.input_state_folder is not None else None
+            state = None
+            if self.input_state_folder is not None:
+                state = StateFolder(self.input_state_folder, defer_mapped=self._defer_mapped_verification())
             if state is not None:
                 self._check_state_matches(state)
                 self._load_model_weights(state)
@@ -167,6 +169,12 @@ class ModelUpdater:
     @property
     def method_name(self) -> str:
         return type(self).__name__
+
+    def _defer_mapped_verification(self) -> bool:
+        """Whether the input state's mapped files are hashed in the background instead of at load
+        (``StateFolder(defer_mapped=True)``); an updater that says yes joins the verification
+        before it writes or returns anything (see ``JointModelUpdater``)."""
+        return False
 
     def _check_state_matches(self, state: StateFolder) -> None:
         m = state.manifest
