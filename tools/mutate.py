@@ -75,6 +75,11 @@ TEST_MAP: dict[str, list[str]] = {
                                 "tests/wiring/test_wiring_losses.py",
                                 "tests/core/test_core_validation.py", "tests/speed/test_speed_hot_path.py",
                                 "tests/er/test_er_learners.py", "tests/reliability/test_rel_resume.py"],
+    "retain/updaters/distributed.py": ["tests/distributed/test_dist_memory.py",
+                                       "tests/workloads/test_workload_ddp_memory.py",
+                                       "tests/distributed/test_dist_ddp.py", "tests/workloads/test_workload_ddp.py"],
+    "retain/chunks.py": ["tests/joint/test_joint_chunks.py", "tests/joint/test_joint_state_files.py",
+                         "tests/joint/test_joint_nested.py", "tests/wiring/test_wiring_baselines.py"],
     "retain/checkpoint.py": ["tests/wiring/test_wiring_fingerprint.py", "tests/reliability/test_rel_resume.py"],
     "retain/cli.py": ["tests/wiring/test_wiring_cli.py"],
 }
