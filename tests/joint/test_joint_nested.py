@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from padded_sequences import PAD, MaskedMean, pad_collate
 from retain import JointModelUpdater, StateError, nested
 from retain.batching import BatchSource, NestedTensorDataset
 from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_name, map_chunk
 from retain.state import StateFolder, write_state
 
-PAD = 7  # a pad token other than 0: the chunks and the batches must use the declared one
 MAX_LENGTHS = (5, 12, 3)  # the longest sequence of each update: the middle chunk is the longest
 OPTIONS = {"batch_size": 8, "max_epochs": 2, "seed": 4, "accelerator": "cpu", "pad_values": {"input_ids": PAD}}
 
@@ -43,30 +43,10 @@ class Sequences(Dataset):
         return {"input_ids": self.items[i][0], "labels": self.items[i][1]}
 
 
-def pad_collate(items: list[dict]) -> dict[str, Tensor]:
-    longest = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), longest), PAD, dtype=torch.long)
-    for row, item in enumerate(items):
-        ids[row, : len(item["input_ids"])] = item["input_ids"]
-    labels = torch.tensor([item["labels"] for item in items])
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
-
-
-class MaskedMean(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 8)
-        self.out = nn.Linear(8, 6)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
-
-
 def _updater(input_folder: Path | None, output_folder: Path | None, **options) -> JointModelUpdater:
     torch.manual_seed(0)
     return JointModelUpdater(
-        MaskedMean(), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        MaskedMean(6), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         input_state_folder=input_folder, output_state_folder=output_folder, **(OPTIONS | options),
     )  # fmt: skip
 
@@ -190,7 +170,7 @@ def test_chunks_of_another_structure_are_refused() -> None:
 _CONTINUE = """
 import sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {shared!r}]
 from pathlib import Path
 from test_joint_nested import _update
 _update(2, Path({src!r}), Path({out!r}))
@@ -200,7 +180,9 @@ _update(2, Path({src!r}), Path({out!r}))
 def test_nested_chunked_state_continues_byte_identically_in_a_new_process(tmp_path: Path) -> None:
     _, s1 = _run(tmp_path, 2)
     _update(2, s1, tmp_path / "here")
-    script = _CONTINUE.format(tests=str(Path(__file__).parent), src=str(s1), out=str(tmp_path / "there"))
+    here = Path(__file__)
+    script = _CONTINUE.format(tests=str(here.parent), shared=str(here.parents[1]), src=str(s1),
+                              out=str(tmp_path / "there"))
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     names = sorted(p.name for p in (tmp_path / "here").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "there").iterdir())
