@@ -106,3 +106,17 @@ def test_equal_or_reversed_probabilities_are_valid(plastic: float, stable: float
     )  # fmt: skip
     component = updater.learner._components["cls_loss"]
     assert (component.plastic_model_update_probability, component.stable_model_update_probability) == (plastic, stable)
+
+
+def test_the_copies_are_frozen_and_the_served_copy_holds_no_gradient() -> None:
+    """Only the working model trains: the stable copy CLS-ER serves (and the plastic one) follow it by
+    EMA alone, so neither requires gradients nor collects any during an update."""
+    torch.manual_seed(0)
+    updater = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)))
+    served = updater.update(make_data(40, seed=1))
+    component = updater.learner._components["cls_loss"]
+    assert served is component.stable_model
+    for copy_model in (component.stable_model, component.plastic_model):
+        assert [p.requires_grad for p in copy_model.parameters()] == [False] * len(list(copy_model.parameters()))
+        assert all(p.grad is None for p in copy_model.parameters())
+    assert all(p.requires_grad for p in updater.learner.model.parameters()), "the working model trains"
