@@ -246,3 +246,41 @@ def test_map_chunk_rebuilds_tuple_inputs_from_their_leaves(tmp_path: Path) -> No
     assert torch.equal(targets, y)
     with pytest.raises(StateError, match=r"a data chunk holds exactly the tensors \['inputs', 'targets'\]"):
         map_chunk(source)
+
+
+def test_map_chunk_keeps_the_dtype_of_a_leaf_with_no_elements(tmp_path: Path) -> None:
+    """A leaf of zero width (``(N, 0)``, e.g. an empty feature of every item) maps to an empty tensor of its
+    stored dtype and shape, not to a float32 stand-in."""
+    x, empty, y = torch.rand(4, 3), torch.zeros(4, 0, dtype=torch.long), torch.arange(4)
+    manifest = {"retain_version": "0", "method": "M", "model": {"class": "C", "hyperparameters": {}, "task_ids": []},
+                "method_options": {}, "options": {}, "updates_done": 1, "task_ids_seen": []}  # fmt: skip
+    write_state(tmp_path / "a", manifest, {}, {chunk_name(0): {"inputs.x": x, "inputs.ids": empty, "targets": y}})
+    source = StateFolder(tmp_path / "a").mapped_file(chunk_name(0))
+    inputs, _ = map_chunk(source, nested.structure({"x": x, "ids": empty}))
+    assert (inputs["ids"].dtype, tuple(inputs["ids"].shape)) == (torch.long, (4, 0))
+    assert torch.equal(inputs["x"], x)
+
+
+def test_batches_over_several_chunks_reuse_one_gather_buffer_per_leaf_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU every window of batches is gathered into the buffers of the previous window (when they
+    fit): one allocation per leaf for an epoch, not one per window; the batches are copies out of it."""
+    chunks = [({"x": torch.arange(12.0 * k, 12.0 * (k + 1)).view(6, 2)}, torch.arange(6)) for k in range(3)]
+    dataset = ChunkedDataset(chunks)
+    monkeypatch.setattr(ChunkedBatchSource, "WINDOW_BYTES", 4 * dataset.item_bytes)  # windows of 2 batches of 2
+    buffers: list[int] = []
+    real = dataset.gather_grouped
+
+    def spy(index: Tensor, out: dict | None = None) -> tuple[dict, Tensor | None]:
+        grouped, slot = real(index, out)
+        buffers.append(grouped["x"].data_ptr())
+        return grouped, slot
+
+    monkeypatch.setattr(dataset, "gather_grouped", spy)
+    generator = torch.Generator().manual_seed(0)
+    source = ChunkedBatchSource(dataset, 2, torch.device("cpu"), shuffle=True, generator=generator)
+    batches = [x["x"] for x, _ in source]
+    assert len(buffers) == 18 // 4 + 1 and len(set(buffers[:-1])) == 1, "full windows share one buffer"
+    rows = torch.cat(batches)
+    assert sorted(rows[:, 0].tolist()) == [2.0 * i for i in range(18)], "every item once, intact"
