@@ -149,6 +149,16 @@ def test_bad_validation_data_is_refused_before_training(tmp_path: Path) -> None:
     assert updater.learner.global_step == 0 and not (tmp_path / "out").exists()
 
 
+def test_update_classes_must_be_classes_of_the_model() -> None:
+    """The model's classes are 0 .. num_outputs - 1: the last one may be declared, one past it may not."""
+    kwargs = {"memory_size": 20, "mask_unused_classes": True}
+    with pytest.raises(ValueError, match=r"update_classes \[0, 10\] exceed the model's 10 classes"):
+        _updater(ExperienceReplayModelUpdater, kwargs, update_classes=[0, 10]).update(_data())
+    updater = _updater(ExperienceReplayModelUpdater, kwargs, update_classes=[0, 9])
+    updater.update(_data(labels=torch.arange(40) % 2 * 9))
+    assert updater.learner._class_mask.nonzero().flatten().tolist() == [0, 9]
+
+
 @pytest.mark.parametrize("method", list(UPDATERS))
 def test_refused_update_leaves_the_updater_usable(method: str, tmp_path: Path) -> None:
     """A refused update must not leave traces (Joint's kept data, task ids) in the updater."""

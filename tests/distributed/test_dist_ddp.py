@@ -240,3 +240,13 @@ def test_unpicklable_parts_are_named_before_workers_start(single_first: dict[str
     with pytest.raises(TypeError, match=r"picklable optimizer.*torchrun"):
         updater.update(TensorDataset(torch.zeros(4, 1, 8, 8), torch.zeros(4, dtype=torch.long)))
     assert not (tmp_path / "out").exists()
+
+
+def test_two_ranks_train_the_task_id_given_to_update(digits_tasks: list, tmp_path: Path) -> None:
+    """``task_id`` reaches the ranks as the task id (not in another argument's place): the state they
+    write records it and the served model has its head; with no validation data nothing else is needed."""
+    updater = make_updater("er", None, tmp_path / "s1", devices=2)
+    model = updater.update(digits_tasks[0][0], task_id="t7")
+    state = StateFolder(tmp_path / "s1")
+    assert state.manifest["task_ids_seen"] == ["t7"] and updater.learner.task_ids_seen == ["t7"]
+    assert "t7" in state.manifest["model"]["task_ids"] and "t7" in model.task_ids

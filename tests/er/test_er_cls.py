@@ -4,15 +4,18 @@ and the working model and both copies come back from a state folder."""
 from __future__ import annotations
 
 import functools
+import json
 from pathlib import Path
 
 import pytest
 import torch
+from torch import nn
 from torch.utils.data import TensorDataset
 
 from retain.learners.components import WeightedCLSLossComponent
 from retain.methods.er import CLSExperienceReplayModelUpdater
 from retain.models import MultiLayerPerceptron
+from retain.state import StateFolder
 from retain.updaters import load_model
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
@@ -106,3 +109,51 @@ def test_equal_or_reversed_probabilities_are_valid(plastic: float, stable: float
     )  # fmt: skip
     component = updater.learner.built_components["cls_loss"]
     assert (component.plastic_model_update_probability, component.stable_model_update_probability) == (plastic, stable)
+
+
+def test_the_copies_are_frozen_and_the_served_copy_holds_no_gradient() -> None:
+    """Only the working model trains: the stable copy CLS-ER serves (and the plastic one) follow it by
+    EMA alone, so neither requires gradients nor collects any during an update."""
+    torch.manual_seed(0)
+    updater = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)))
+    served = updater.update(make_data(40, seed=1))
+    component = updater.learner._components["cls_loss"]
+    assert served is component.stable_model
+    for copy_model in (component.stable_model, component.plastic_model):
+        assert [p.requires_grad for p in copy_model.parameters()] == [False] * len(list(copy_model.parameters()))
+        assert all(p.grad is None for p in copy_model.parameters())
+    assert all(p.requires_grad for p in updater.learner.model.parameters()), "the working model trains"
+
+
+def test_a_plain_module_served_by_cls_er_records_every_task_id_in_its_state(tmp_path: Path) -> None:
+    """The served stable copy of a plain ``nn.Module`` (one shared output layer) records each update's
+    task id, so the state folder's model description lists the task ids trained so far."""
+    def updater(**folders: Path) -> CLSExperienceReplayModelUpdater:
+        torch.manual_seed(0)
+        module = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 3))
+        return cls_updater(module, **folders)
+
+    updater(output_state_folder=tmp_path / "s1").update(make_data(16, seed=1), task_id="t1")
+    updater(input_state_folder=tmp_path / "s1", output_state_folder=tmp_path / "s2").update(
+        make_data(16, seed=2), task_id="t2"
+    )
+    for folder, task_ids in (("s1", ["t1"]), ("s2", ["t1", "t2"])):
+        model = json.loads((tmp_path / folder / "manifest.json").read_text())["model"]
+        assert (model["class"], model["task_ids"]) == ("Sequential", task_ids)
+
+
+def test_load_state_into_an_updater_gives_its_copies_the_task_heads_of_the_state(tmp_path: Path) -> None:
+    """``load_state`` (how the parent of a multi-process update takes the ranks' result back) into an
+    updater whose copies were built before a task's head existed: the copies get the state's heads
+    and weights, as a new updater on that folder would hold them."""
+    torch.manual_seed(0)
+    trained = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+                          output_state_folder=tmp_path / "s1")  # fmt: skip
+    trained.update(make_data(24, seed=1), task_id="t1")
+    torch.manual_seed(0)
+    loader = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)))
+    loader.load_state(StateFolder(tmp_path / "s1"))
+    mine, theirs = loader.learner._components["cls_loss"], trained.learner._components["cls_loss"]
+    for name in ("stable_model", "plastic_model"):
+        assert getattr(mine, name).task_ids == ["default_task", "t1"]
+        assert states_equal(getattr(mine, name), getattr(theirs, name)), name

@@ -10,6 +10,7 @@ from torch import Tensor, nn
 
 from retain.learners.components import (
     POD_TYPES,
+    Component,
     ShrinkAndPerturbReinitializationComponent,
     WeightedCLSLossComponent,
     WeightedCustomLossComponent,
@@ -238,3 +239,12 @@ def test_shrink_and_perturb_uses_its_generator() -> None:
     for p, e, s in zip(model.parameters(), expected, shrunk, strict=True):
         assert torch.allclose(p, e, atol=1e-7)
         assert not torch.allclose(p, s, atol=1e-4)  # the noise is there, not just the shrink
+
+
+def test_the_base_component_adds_no_loss_no_served_model_and_no_metadata_columns() -> None:
+    """A component that overrides nothing (the base a user's component starts from) contributes nothing:
+    an empty dict of feature columns (merged into the memory's metadata), none required at load."""
+    base = Component(weight=0.5)
+    assert not base.is_loss and base.served_model is None
+    assert base.memory_features([torch.ones(2, 3)]) == {}
+    assert base.required_memory_metadata() == {}

@@ -13,15 +13,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import Dataset
 
+from padded_sequences import PAD, MaskedMean, pad_collate
 from retain import JointModelUpdater, StateError, nested
 from retain.batching import BatchSource, NestedTensorDataset
 from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_name, map_chunk
 from retain.state import StateFolder, write_state
 
-PAD = 7  # a pad token other than 0: the chunks and the batches must use the declared one
 MAX_LENGTHS = (5, 12, 3)  # the longest sequence of each update: the middle chunk is the longest
 OPTIONS = {"batch_size": 8, "max_epochs": 2, "seed": 4, "accelerator": "cpu", "pad_values": {"input_ids": PAD}}
 
@@ -43,30 +43,10 @@ class Sequences(Dataset):
         return {"input_ids": self.items[i][0], "labels": self.items[i][1]}
 
 
-def pad_collate(items: list[dict]) -> dict[str, Tensor]:
-    longest = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), longest), PAD, dtype=torch.long)
-    for row, item in enumerate(items):
-        ids[row, : len(item["input_ids"])] = item["input_ids"]
-    labels = torch.tensor([item["labels"] for item in items])
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
-
-
-class MaskedMean(nn.Module):
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 8)
-        self.out = nn.Linear(8, 6)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
-
-
 def _updater(input_folder: Path | None, output_folder: Path | None, **options) -> JointModelUpdater:
     torch.manual_seed(0)
     return JointModelUpdater(
-        MaskedMean(), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
+        MaskedMean(6), optimizer=functools.partial(torch.optim.SGD, lr=0.1),
         input_state_folder=input_folder, output_state_folder=output_folder, **(OPTIONS | options),
     )  # fmt: skip
 
@@ -190,7 +170,7 @@ def test_chunks_of_another_structure_are_refused() -> None:
 _CONTINUE = """
 import sys, torch
 torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
+sys.path[:0] = [{tests!r}, {shared!r}]
 from pathlib import Path
 from test_joint_nested import _update
 _update(2, Path({src!r}), Path({out!r}))
@@ -200,7 +180,9 @@ _update(2, Path({src!r}), Path({out!r}))
 def test_nested_chunked_state_continues_byte_identically_in_a_new_process(tmp_path: Path) -> None:
     _, s1 = _run(tmp_path, 2)
     _update(2, s1, tmp_path / "here")
-    script = _CONTINUE.format(tests=str(Path(__file__).parent), src=str(s1), out=str(tmp_path / "there"))
+    here = Path(__file__)
+    script = _CONTINUE.format(tests=str(here.parent), shared=str(here.parents[1]), src=str(s1),
+                              out=str(tmp_path / "there"))
     subprocess.run([sys.executable, "-c", script], check=True, env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=300)
     names = sorted(p.name for p in (tmp_path / "here").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "there").iterdir())
@@ -264,3 +246,41 @@ def test_map_chunk_rebuilds_tuple_inputs_from_their_leaves(tmp_path: Path) -> No
     assert torch.equal(targets, y)
     with pytest.raises(StateError, match=r"a data chunk holds exactly the tensors \['inputs', 'targets'\]"):
         map_chunk(source)
+
+
+def test_map_chunk_keeps_the_dtype_of_a_leaf_with_no_elements(tmp_path: Path) -> None:
+    """A leaf of zero width (``(N, 0)``, e.g. an empty feature of every item) maps to an empty tensor of its
+    stored dtype and shape, not to a float32 stand-in."""
+    x, empty, y = torch.rand(4, 3), torch.zeros(4, 0, dtype=torch.long), torch.arange(4)
+    manifest = {"retain_version": "0", "method": "M", "model": {"class": "C", "hyperparameters": {}, "task_ids": []},
+                "method_options": {}, "options": {}, "updates_done": 1, "task_ids_seen": []}  # fmt: skip
+    write_state(tmp_path / "a", manifest, {}, {chunk_name(0): {"inputs.x": x, "inputs.ids": empty, "targets": y}})
+    source = StateFolder(tmp_path / "a").mapped_file(chunk_name(0))
+    inputs, _ = map_chunk(source, nested.structure({"x": x, "ids": empty}))
+    assert (inputs["ids"].dtype, tuple(inputs["ids"].shape)) == (torch.long, (4, 0))
+    assert torch.equal(inputs["x"], x)
+
+
+def test_batches_over_several_chunks_reuse_one_gather_buffer_per_leaf_on_the_cpu(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """On the CPU every window of batches is gathered into the buffers of the previous window (when they
+    fit): one allocation per leaf for an epoch, not one per window; the batches are copies out of it."""
+    chunks = [({"x": torch.arange(12.0 * k, 12.0 * (k + 1)).view(6, 2)}, torch.arange(6)) for k in range(3)]
+    dataset = ChunkedDataset(chunks)
+    monkeypatch.setattr(ChunkedBatchSource, "WINDOW_BYTES", 4 * dataset.item_bytes)  # windows of 2 batches of 2
+    buffers: list[int] = []
+    real = dataset.gather_grouped
+
+    def spy(index: Tensor, out: dict | None = None) -> tuple[dict, Tensor | None]:
+        grouped, slot = real(index, out)
+        buffers.append(grouped["x"].data_ptr())
+        return grouped, slot
+
+    monkeypatch.setattr(dataset, "gather_grouped", spy)
+    generator = torch.Generator().manual_seed(0)
+    source = ChunkedBatchSource(dataset, 2, torch.device("cpu"), shuffle=True, generator=generator)
+    batches = [x["x"] for x, _ in source]
+    assert len(buffers) == 18 // 4 + 1 and len(set(buffers[:-1])) == 1, "full windows share one buffer"
+    rows = torch.cat(batches)
+    assert sorted(rows[:, 0].tolist()) == [2.0 * i for i in range(18)], "every item once, intact"

@@ -93,6 +93,10 @@ def test_nested_inputs_keep_one_column_per_leaf_and_items_whole() -> None:
     assert isinstance(inputs["pair"], tuple) and len(set(ids.tolist())) == 10
     assert torch.equal(inputs["image"][:, 0, 0].long(), ids) and torch.equal(inputs["pair"][1][:, 0], -ids)
     assert torch.equal(targets, ids % 3) and torch.equal(metadata["logits"][:, 0].long(), ids)
+    columns = memory.inputs  # every allocated row, in the stored structure
+    assert isinstance(columns, dict) and isinstance(columns["pair"], tuple)
+    assert torch.equal(columns["pair"][0][:10], ids) and columns["image"].shape[1:] == (2, 2)
+    assert columns["image"].shape[0] == memory.capacity
     batch = memory.sample(4)
     assert batch is not None
     assert torch.equal(batch.inputs["pair"][0], ids[batch.indices])

@@ -211,3 +211,46 @@ def test_rd_warns_when_task_ids_change() -> None:
     updater.update(TASKS[0], task_id="a")
     with pytest.warns(UserWarning, match="one task id"):
         updater.update(TASKS[1], task_id="b")
+
+
+def test_reinitialized_copy_adds_the_task_head_and_keeps_float64_inputs_working() -> None:
+    """The copy has the model's heads plus ``task_id``'s, and a ``precision='64'`` model's copy still
+    takes float32 inputs (the float64 input cast comes with the copy, as for the model itself)."""
+    from retain.learners.base import use_float64
+
+    torch.manual_seed(0)
+    copy = reinitialized_copy(MultiLayerPerceptron(6, 4, [16]), 5, "new")
+    assert copy.task_ids == ["default_task", "new"]
+    wide = use_float64(MultiLayerPerceptron(6, 4, [16]))
+    copy = reinitialized_copy(wide, 5)
+    assert next(copy.parameters()).dtype == torch.float64
+    assert copy(torch.randn(2, 6)).dtype == torch.float64
+
+
+def test_rd_initialisation_seeds_are_those_of_the_previous_release() -> None:
+    """The fresh weights' seeds derive from the learner's seed and the updates done: the same seeded run
+    gives the same expert and consolidated models release after release (values as written)."""
+    updater = _updater(seed=0)
+    assert [updater.learner.initialization_seed(r) for r in ("expert", "consolidated")] == [104729, 209458]
+    updater.update(TASKS[0])
+    assert [updater.learner.initialization_seed(r) for r in ("expert", "consolidated")] == [112648, 217377]
+    assert _updater(seed=3).learner.initialization_seed("expert") == 3 * 1_000_003 + 104_729
+
+
+def test_rd_early_stopping_watches_the_consolidated_model_and_the_expert_trains_every_epoch() -> None:
+    """``early_stopping_enabled`` and ``metric`` are the consolidation's: the expert (which has no
+    validation data) runs its ``max_epochs`` and never early-stops."""
+    class Recorder:
+        def __init__(self) -> None:
+            self.expert_epochs: set[float] = set()
+
+        def log_metrics(self, metrics: dict[str, float], step: int | None = None) -> None:
+            if "expert_epoch" in metrics:
+                self.expert_epochs.add(metrics["expert_epoch"])
+
+    recorder = Recorder()
+    updater = _updater(max_epochs=3, early_stopping_enabled=True, metric="val_loss", patience=1, logger=recorder)
+    updater.update(TASKS[0], TASKS[1])
+    assert recorder.expert_epochs == {0.0, 1.0, 2.0}
+    assert updater.last_expert_fit is not None and updater.last_expert_fit.epochs == 3
+    assert not updater.last_expert_fit.stopped_early

@@ -137,3 +137,22 @@ def test_each_baseline_validates_on_the_val_dataset(cls: type, tmp_path: Path) -
     with torch.no_grad():
         hits = float((model(val.tensors[0]).argmax(1) == val.tensors[1]).float().mean())
     assert updater.last_fit.history[-1]["val_accuracy"] == pytest.approx(hits)
+
+
+@pytest.mark.parametrize("offset", [0, 5], ids=["view at offset 0", "view at offset 5"])
+def test_joint_keeps_its_own_copy_of_the_items_not_views_of_the_callers_tensors(
+    offset: int, tmp_path: Path
+) -> None:
+    """Joint's kept chunk is a copy owning exactly its bytes: the caller changing (or freeing) the larger
+    tensors the dataset's items are slices of changes nothing Joint holds or trains on later."""
+    g = torch.Generator().manual_seed(3)
+    all_inputs, all_targets = torch.randn(100, 4, generator=g), torch.randint(0, 3, (100,), generator=g)
+    inputs, targets = all_inputs[offset : offset + ITEMS], all_targets[offset : offset + ITEMS]
+    expected = (inputs.clone(), targets.clone())
+    updater = build(JointModelUpdater, 0.1, None, tmp_path / "s1")
+    updater.update(TensorDataset(inputs, targets))
+    all_inputs.zero_(), all_targets.zero_()
+    (kept_inputs, kept_targets), = updater.learner.chunks
+    assert torch.equal(kept_inputs, expected[0]) and torch.equal(kept_targets, expected[1])
+    for kept in (kept_inputs, kept_targets):
+        assert kept.untyped_storage().nbytes() == kept.numel() * kept.element_size()

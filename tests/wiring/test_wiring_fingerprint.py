@@ -126,15 +126,32 @@ def test_data_task_id_and_input_state_change_the_fingerprint(tmp_path: Path, sta
     assert len(set(others.values())) == len(others), others
 
 
-def test_a_checkpoint_of_another_update_is_not_resumed(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """An update stopped after its first checkpointed epoch leaves a checkpoint; an update with
-    another learning rate ignores it with a warning and starts over, the same update resumes it."""
+def stacking_collate(items: list[tuple[torch.Tensor, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    inputs, targets = zip(*items, strict=True)
+    return torch.stack(inputs), torch.stack(targets)
+
+
+OTHER_UPDATES: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # (build changes, update arguments)
+    "learning rate": ({"optimizer": functools.partial(torch.optim.SGD, lr=0.2)}, {}),
+    "task id": ({}, {"task_id": "t1"}),
+    "validation collate": ({}, {"val_dataset_collate_fn": stacking_collate}),
+}
+
+
+@pytest.mark.parametrize("change", list(OTHER_UPDATES))
+def test_a_checkpoint_of_another_update_is_not_resumed(
+    change: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An update stopped after its first checkpointed epoch leaves a checkpoint; an update that differs
+    in one input (given to ``update()`` itself) ignores it with a warning and starts over, the same
+    update resumes it."""
     import retain.checkpoint as checkpoint
 
     class StopError(Exception):
         pass
 
     real_end = checkpoint.ResumeCheckpointer.on_epoch_end
+    arguments = {"val_dataset": data(seed=5)}
 
     def leave_checkpoint() -> None:
         def end_then_stop(self: Any, epoch: int, result: Any) -> None:
@@ -143,18 +160,19 @@ def test_a_checkpoint_of_another_update_is_not_resumed(tmp_path: Path, monkeypat
 
         monkeypatch.setattr(checkpoint.ResumeCheckpointer, "on_epoch_end", end_then_stop)
         with pytest.raises(StopError, match="stopped after the first checkpoint"):
-            build(tmp_path, checkpoint_every_n_epochs=1).update(data())
+            build(tmp_path, checkpoint_every_n_epochs=1).update(data(), **arguments)
         monkeypatch.setattr(checkpoint.ResumeCheckpointer, "on_epoch_end", real_end)
         assert resume_folder(tmp_path / "out").is_dir()
 
     leave_checkpoint()
-    other = build(tmp_path, checkpoint_every_n_epochs=1, optimizer=functools.partial(torch.optim.SGD, lr=0.2))
+    changes, other_arguments = OTHER_UPDATES[change]
+    other = build(tmp_path, checkpoint_every_n_epochs=1, **changes)
     with pytest.warns(UserWarning, match="belongs to a different update"):
-        other.update(data())
+        other.update(data(), **{**arguments, **other_arguments})
     assert other.resumed_from_epoch == 0 and not resume_folder(tmp_path / "out").exists()
     leave_checkpoint()
     same = build(tmp_path, checkpoint_every_n_epochs=1)
-    same.update(data())
+    same.update(data(), **arguments)
     assert same.resumed_from_epoch == 1 and not resume_folder(tmp_path / "out").exists()
 
 

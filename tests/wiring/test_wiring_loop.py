@@ -198,3 +198,37 @@ def test_the_fit_result_counts_steps_epochs_and_time() -> None:
     fit = updater.last_fit
     assert fit is not None and (fit.steps, fit.epochs, fit.stopped_early) == (2 * ITEMS // BATCH, 2, False)
     assert fit.train_seconds > 0
+
+
+class _Terminal:
+    """A stderr that says it is a terminal, so a progress bar left to tqdm's default draws into it."""
+
+    def __init__(self) -> None:
+        self.text = ""
+
+    def write(self, text: str) -> int:
+        self.text += text
+        return len(text)
+
+    def flush(self) -> None:
+        pass
+
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("progress_bar", [True, False])
+def test_the_progress_bar_option_draws_one_bar_per_epoch_on_a_terminal(
+    progress_bar: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    terminal = _Terminal()
+    monkeypatch.setattr("sys.stderr", terminal)
+    FineTuningModelUpdater(
+        mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=BATCH, max_epochs=2,
+        accelerator="cpu", progress_bar=progress_bar,
+    ).update(data())  # fmt: skip
+    if progress_bar:
+        assert "epoch 1/2" in terminal.text and "epoch 2/2" in terminal.text, terminal.text
+        assert f"0/{ITEMS // BATCH} " in terminal.text, "the bar's total is the epoch's batches"
+    else:
+        assert terminal.text == ""

@@ -12,12 +12,11 @@ from __future__ import annotations
 import functools
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 from torch.utils.data import DataLoader, Dataset
 
 import retain
-
-PAD = 7  # a pad token id other than 0: the memory and the join must use the declared pad value
+from padded_sequences import PAD, MaskedMean, pad_collate
 
 
 class Sequences(Dataset):
@@ -38,31 +37,9 @@ class Sequences(Dataset):
         return {"input_ids": self.items[i][0], "labels": self.items[i][1]}
 
 
-def pad_collate(items: list[dict]) -> dict[str, Tensor]:
-    longest = max(len(item["input_ids"]) for item in items)
-    ids = torch.full((len(items), longest), PAD, dtype=torch.long)
-    for row, item in enumerate(items):
-        ids[row, : len(item["input_ids"])] = item["input_ids"]
-    labels = torch.tensor([item["labels"] for item in items])
-    return {"input_ids": ids, "attention_mask": (ids != PAD).long(), "labels": labels}
-
-
-class MaskedMeanClassifier(nn.Module):
-    """``linear(masked mean of embeddings)``: padding cannot change a logit, except through the mask."""
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.embed = nn.Embedding(40, 8)
-        self.out = nn.Linear(8, 3)
-
-    def forward(self, input_ids: Tensor, attention_mask: Tensor) -> Tensor:
-        mask = attention_mask.unsqueeze(-1).float()
-        return self.out((self.embed(input_ids) * mask).sum(1) / mask.sum(1).clamp(min=1))
-
-
 def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tmp_path) -> None:
     torch.manual_seed(0)
-    model = MaskedMeanClassifier()
+    model = MaskedMean(3)
     updater = retain.DarkExperienceReplayModelUpdater(
         model, optimizer=functools.partial(torch.optim.SGD, lr=0.0), memory_size=25, memory_batch_size=6,
         batch_size=5, max_epochs=2, accelerator="cpu", pad_values={"input_ids": PAD},
@@ -101,7 +78,7 @@ def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tm
     shorter = Sequences(seed=1)
     shorter.items = [(ids[:3], label) for ids, label in shorter.items]
     again = retain.DarkExperienceReplayModelUpdater(
-        MaskedMeanClassifier(), optimizer=functools.partial(torch.optim.SGD, lr=0.0), memory_size=25,
+        MaskedMean(3), optimizer=functools.partial(torch.optim.SGD, lr=0.0), memory_size=25,
         memory_batch_size=6, batch_size=5, max_epochs=1, accelerator="cpu", pad_values={"input_ids": PAD},
         input_state_folder=tmp_path / "s1",
     )  # fmt: skip
@@ -121,7 +98,7 @@ def test_padded_batches_replay_with_stored_logits_matching_the_unpadded_items(tm
 def test_joint_holds_padded_sequences_of_every_update_with_the_pad_values(tmp_path) -> None:
     def joint(**kw):
         return retain.JointModelUpdater(
-            MaskedMeanClassifier(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=8, max_epochs=1,
+            MaskedMean(3), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=8, max_epochs=1,
             accelerator="cpu", pad_values={"input_ids": PAD}, **kw,
         )  # fmt: skip
 
