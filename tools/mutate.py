@@ -62,6 +62,7 @@ TEST_MAP: dict[str, list[str]] = {
                                       "tests/er/test_er_components.py",
                                       "tests/er/test_er_cls.py"],
     "retain/methods/er.py": ["tests/wiring/test_wiring_methods.py", "tests/er/test_er_learners.py",
+                             "tests/safety/test_bounded_loading.py",
                              "tests/er/test_er_updaters.py", "tests/er/test_er_cls.py",
                              "tests/er/test_er_spec_semantics.py"],
     "retain/methods/baselines.py": ["tests/wiring/test_wiring_baselines.py", "tests/wiring/test_wiring_loop.py",

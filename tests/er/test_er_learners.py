@@ -364,3 +364,23 @@ def test_a_seeded_update_keeps_the_same_memory_items_as_the_previous_release() -
 
     assert kept(3) == [2, 5, 9, 10, 16, 30]
     assert kept(4) == [1, 13, 15, 16, 21, 36]
+
+
+def test_a_memory_of_one_item_is_replayed_from_the_second_step() -> None:
+    """Replay starts as soon as the memory holds an item, even a memory of size 1 drawn one item
+    at a time (memory_batch_size=1)."""
+    from retain.methods import ExperienceReplayModelUpdater
+
+    updater = ExperienceReplayModelUpdater(mlp(), optimizer=SGD, memory_size=1, batch_size=2, memory_batch_size=1,
+                                           max_epochs=1, accelerator="cpu")  # fmt: skip
+    memory = updater.learner.memory
+    draws: list[int] = []
+    real_sample = memory.sample
+
+    def sample(k: int) -> MemoryBatch | None:
+        draws.append(len(memory))
+        return real_sample(k)
+
+    memory.sample = sample  # type: ignore[method-assign]
+    updater.update(make_data(12, (4,), [0, 1, 2], seed=3))
+    assert len(memory) == 1 and draws == [1] * 5  # 6 steps of 2 new items: steps 2..6 replay, 1 draw each

@@ -200,6 +200,24 @@ def test_the_fit_result_counts_steps_epochs_and_time() -> None:
     assert fit.train_seconds > 0
 
 
+def test_the_fit_summary_is_json_and_rebuilds_the_fit_result() -> None:
+    """What a rank process reports back (its FitResult without the optimizer) survives JSON."""
+    import json
+
+    from retain.updaters.loop import FitResult
+
+    updater = FineTuningModelUpdater(mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=BATCH,
+                                     max_epochs=2, accelerator="cpu")  # fmt: skip
+    updater.update(data())
+    fit = updater.last_fit
+    assert fit is not None and fit.optimization is not None
+    summary = json.loads(json.dumps(fit.summary()))
+    assert set(summary) == {"steps", "epochs", "train_seconds", "stopped_early", "history"}
+    rebuilt = FitResult(**summary)
+    assert (rebuilt.steps, rebuilt.epochs, rebuilt.history) == (fit.steps, fit.epochs, fit.history)
+    assert rebuilt.optimization is None
+
+
 class _Terminal:
     """A stderr that says it is a terminal, so a progress bar left to tqdm's default draws into it."""
 
