@@ -92,7 +92,7 @@ class Learner:
         if optimizer is None:
             raise ValueError("an optimizer factory is required, e.g. functools.partial(torch.optim.SGD, lr=0.01)")
         model = as_continual_model(model)
-        if options.feature_layers is not None and model._feature_layers != options.feature_layers:
+        if options.feature_layers is not None and model.feature_layers != options.feature_layers:
             model.use_feature_layers(options.feature_layers)
         if options.float64:
             use_float64(model)
@@ -271,6 +271,11 @@ class Learner:
         if self._class_mask is None:
             return None
         return self._class_mask.nonzero().flatten().tolist()
+
+    @property
+    def has_train_data(self) -> bool:
+        """True between ``on_model_update_start`` and the end of the update (its data is set)."""
+        return self._train_source is not None
 
     def train_dataloader(self) -> BatchSource:
         """The new-data batches of one epoch, on the training device."""

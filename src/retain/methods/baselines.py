@@ -341,7 +341,7 @@ class JointModelUpdater(_BaselineModelUpdater):
 
     def _load_learner_state(self, state: StateFolder) -> None:
         super()._load_learner_state(state)
-        if self.learner._train_source is not None:
+        if self.learner.has_train_data:
             # An update in progress restores its resume checkpoint: it keeps the chunks it holds
             # (the checkpoint's fingerprint covers the input state and the new data).
             held = (self.learner.chunk_names, self.learner.input_structure)

@@ -442,7 +442,7 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
         expert_learner.on_model_update_end()
         return expert
 
-    def _train(self) -> FitResult:
+    def train(self) -> FitResult:
         learner = self.learner
         assert isinstance(learner, RepeatedDistillationLearner)
         return fit(

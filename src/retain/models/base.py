@@ -138,6 +138,11 @@ class ContinualModel(nn.Module):
         """The module whose submodule names ``use_feature_layers`` resolves (the model itself)."""
         return self
 
+    @property
+    def feature_layers(self) -> list[str]:
+        """The submodules whose outputs are the intermediate representations ([]: ``get_features``)."""
+        return list(self._feature_layers)
+
     def use_feature_layers(self, names: list[str]) -> None:
         """Takes the intermediate representations (for POD) from the outputs of the submodules
         ``names`` of ``feature_root()``, captured by forward hooks, in the order given, instead

@@ -83,13 +83,13 @@ def seed_update(seed: int, updates_done: int) -> None:
 
 
 class ModelUpdater:
-    """Base updater: restores state, runs ``_train`` between the learner's update hooks, saves state.
+    """Base updater: restores state, runs ``train`` between the learner's update hooks, saves state.
 
     ``learner_kwargs`` holds the method's own options (memory size, alpha, ...); the common
     training options are keyword arguments (see ``TrainingOptions``).
     """
 
-    supports_resume = False  # True where ``_train`` passes ``self._fit_kwargs`` to its one ``fit``
+    supports_resume = False  # True where ``train`` passes ``self._fit_kwargs`` to its one ``fit``
     # The multi-process runner (``retain.updaters.distributed.distributed_update``), set by the
     # ``retain.updaters`` package: distributed builds on this module, so this module cannot import it.
     run_distributed: Callable[..., Any] | None = None
@@ -322,7 +322,7 @@ class ModelUpdater:
                 self._fit_kwargs = checkpointer.restore()
                 self.resumed_from_epoch = checkpointer.resumed_from_epoch
             try:
-                self.last_fit = self._train()
+                self.last_fit = self.train()
             finally:
                 self._fit_kwargs = {}
             self.learner.on_model_update_end()
@@ -332,7 +332,9 @@ class ModelUpdater:
                 checkpointer.discard()
         return unwrap(self.learner.inference_model())  # a plain nn.Module comes back as the user's module
 
-    def _train(self) -> FitResult:
+    def train(self) -> FitResult:
+        """Trains the learner on this update's data, between its update hooks (``update`` calls it,
+        and so does each rank of a multi-process update); a method with two phases overrides it."""
         raise NotImplementedError
 
     # ------------------------------------------------------------------ state out
@@ -391,7 +393,7 @@ class SingleTrainingLoopUpdater(ModelUpdater):
 
     supports_resume = True
 
-    def _train(self) -> FitResult:
+    def train(self) -> FitResult:
         return fit(self.learner, description=f"{self.method_name} task {self.learner.task_id}", **self._fit_kwargs)
 
 

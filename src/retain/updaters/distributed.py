@@ -366,7 +366,7 @@ def run_rank(
             find_unused_parameters=len(getattr(learner.model, "heads", ())) > 1,
         )
         try:
-            updater.last_fit = updater._train()
+            updater.last_fit = updater.train()
         finally:
             learner.forward_model = learner.model
         learner.on_model_update_end()
