@@ -31,6 +31,7 @@ import mmap
 import os
 import warnings
 from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -65,6 +66,38 @@ def chunk_tensors(inputs: NestedTensors, targets: Tensor) -> dict[str, Tensor]:
     out = {input_key(path): leaf for path, leaf in nested.leaves(inputs)}
     out[TARGETS] = targets
     return out
+
+
+def own_contiguous(t: Tensor) -> Tensor:
+    """``t`` as a contiguous tensor owning exactly its storage (not a view of a larger one, which
+    would be written whole, see the pitfall of saving views)."""
+    t = t.contiguous()
+    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
+        t = t.clone()
+    return t
+
+
+def chunk_files(
+    names: Sequence[str], chunks: Sequence[tuple[NestedTensors, Tensor]], sources: Sequence[LinkedFile | None]
+) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
+    """The chunks for a state folder: those read from a file as linked files (``write_state``
+    links them and refuses one whose file was altered since it was verified), the others (a new
+    chunk, or one whose file was deleted since it was mapped) as tensors to write."""
+    tensors: dict[str, dict[str, Tensor]] = {}
+    linked: dict[str, LinkedFile] = {}
+    for name, (x, y), source in zip(names, chunks, sources, strict=True):
+        if source is not None and source.path.exists():
+            linked[name] = source
+        else:
+            tensors[name] = chunk_tensors(x, y)
+    return tensors, linked
+
+
+def written_file(folder: Path, name: str, manifest: dict[str, Any]) -> LinkedFile:
+    """The chunk ``name`` just written into ``folder``, as the linked file later states reuse."""
+    path = folder / name
+    entry = manifest["files"][name]
+    return LinkedFile(path, entry["sha256"], entry["bytes"], file_identity(os.stat(path)))
 
 
 def map_chunk(source: LinkedFile, structure: Any = TENSOR) -> tuple[NestedTensors, Tensor]:

@@ -19,7 +19,6 @@ The metrics (loss, accuracy, ``logged_metrics``) are computed over the union of 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,9 +29,16 @@ from torch import Tensor
 
 import retain.nested as nested
 from retain.batching import BatchSource, as_class_indices, materialize, unwrap_loader
-from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_tensors, map_chunk
+from retain.chunks import (
+    ChunkedBatchSource,
+    ChunkedDataset,
+    chunk_files,
+    map_chunk,
+    own_contiguous,
+    written_file,
+)
 from retain.nested import NestedTensors
-from retain.state import LinkedFile, StateError, StateFolder, file_identity, parse_json, printable
+from retain.state import LinkedFile, StateError, StateFolder, parse_json, printable
 
 VAL_CHUNK_PREFIX = "val_chunk_"
 _VAL_CHUNK_NAME = re.compile(r"val_chunk_(\d{6,})\.safetensors")
@@ -49,15 +55,6 @@ def val_chunk_name(update: int) -> str:
 def is_val_chunk(name: str) -> bool:
     """Whether ``name`` is a validation chunk file of a state folder."""
     return _VAL_CHUNK_NAME.fullmatch(name) is not None
-
-
-def own_contiguous(t: Tensor) -> Tensor:
-    """``t`` as a contiguous tensor owning exactly its storage (not a view of a larger one, which
-    would be written whole, see the pitfall of saving views)."""
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
-        t = t.clone()
-    return t
 
 
 def with_history_keys(learner_json: Any) -> Any:
@@ -237,16 +234,9 @@ class ValidationHistory:
     def files(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
         """The chunks for a state folder: those read from a file as linked files (``write_state``
         links them, refusing one altered since it was verified), the others as tensors to write."""
-        tensors: dict[str, dict[str, Tensor]] = {}
-        linked: dict[str, LinkedFile] = {}
         if not self.keeps:
-            return tensors, linked
-        for name, (x, y), source in zip(self.names, self.chunks, self.sources, strict=True):
-            if source is not None and source.path.exists():
-                linked[name] = source
-            else:
-                tensors[name] = chunk_tensors(x, y)
-        return tensors, linked
+            return {}, {}
+        return chunk_files(self.names, self.chunks, self.sources)
 
     def written(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Records the chunk files just written into ``folder``, so that later states link them."""
@@ -254,9 +244,7 @@ class ValidationHistory:
             return
         for i, name in enumerate(self.names):
             if self.sources[i] is None:
-                path = folder / name
-                entry = manifest["files"][name]
-                source = LinkedFile(path, entry["sha256"], entry["bytes"], file_identity(os.stat(path)))
+                source = written_file(folder, name, manifest)
                 # read back by memory map: the host copy of the new val data is freed
                 inputs, targets = self.chunks[i]
                 self.chunks[i] = (map_chunk(source, nested.structure(inputs))[0], targets)
@@ -267,7 +255,6 @@ __all__ = [
     "ValidationBatches",
     "ValidationHistory",
     "is_val_chunk",
-    "own_contiguous",
     "val_chunk_name",
     "with_history_keys",
 ]

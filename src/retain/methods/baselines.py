@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import inspect
 import json
-import os
 from pathlib import Path
 from typing import Any
 
@@ -14,7 +13,15 @@ from torch.utils.data import Dataset
 
 import retain.nested as nested
 from retain.batching import NestedTensorDataset, materialize, unwrap_loader
-from retain.chunks import ChunkedBatchSource, ChunkedDataset, chunk_name, chunk_tensors, map_chunk
+from retain.chunks import (
+    ChunkedBatchSource,
+    ChunkedDataset,
+    chunk_files,
+    chunk_name,
+    map_chunk,
+    own_contiguous,
+    written_file,
+)
 from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel
 from retain.nested import NestedTensors
@@ -33,7 +40,6 @@ from retain.state import (
     MappedVerification,
     StateError,
     StateFolder,
-    file_identity,
     is_mapped_file,
     parse_json,
     printable,
@@ -155,8 +161,8 @@ class JointLearner(Learner):
         del self.chunks[self.updates_done :], self.chunk_sources[self.updates_done :]
         dataset, collate_fn, _ = unwrap_loader(train_dataset, train_dataset_collate_fn)
         inputs, targets = materialize(dataset, collate_fn, pad_values=self.pad_values)
-        inputs = nested.map_leaves(lambda t: _own_contiguous(t.detach().cpu()), inputs)
-        targets = _own_contiguous(targets.detach().cpu())
+        inputs = nested.map_leaves(lambda t: own_contiguous(t.detach().cpu()), inputs)
+        targets = own_contiguous(targets.detach().cpu())
         if self.chunks:
             first_x, first_y = self.chunks[0]
             check_joinable(inputs, first_x)
@@ -165,7 +171,7 @@ class JointLearner(Learner):
                     f"train_dataset: inputs of structure {nested.structure(inputs)} cannot join the "
                     f"{nested.structure(first_x)} of earlier updates"
                 )
-            targets = _own_contiguous(targets.to(first_y.dtype))
+            targets = own_contiguous(targets.to(first_y.dtype))
         # The checks (labels, NaN, shape against the model) run on the new data; the earlier
         # chunks passed them in their own updates and are verified by checksum.
         super().on_model_update_start(
@@ -265,30 +271,13 @@ class JointLearner(Learner):
         """The chunks for a state folder: those read from a file as linked files (``write_state``
         links them and refuses one whose file was altered since it was verified), the others (the
         new chunk, or one whose file was deleted since it was mapped) as tensors to write."""
-        tensors: dict[str, dict[str, Tensor]] = {}
-        linked: dict[str, LinkedFile] = {}
-        for name, (x, y), source in zip(self.chunk_names, self.chunks, self.chunk_sources, strict=True):
-            if source is not None and source.path.exists():
-                linked[name] = source
-            else:
-                tensors[name] = chunk_tensors(x, y)
-        return tensors, linked
+        return chunk_files(self.chunk_names, self.chunks, self.chunk_sources)
 
     def chunks_written(self, folder: Path, manifest: dict[str, Any]) -> None:
         """Records the chunk files just written into ``folder``, so that later states link them."""
         for i, name in enumerate(self.chunk_names):
             if self.chunk_sources[i] is None:
-                path = folder / name
-                entry = manifest["files"][name]
-                self.chunk_sources[i] = LinkedFile(path, entry["sha256"], entry["bytes"], file_identity(os.stat(path)))
-
-
-def _own_contiguous(t: Tensor) -> Tensor:
-    """``t`` as a contiguous tensor owning exactly its storage (not a view of a larger one)."""
-    t = t.contiguous()
-    if t.untyped_storage().nbytes() != t.numel() * t.element_size() or t.storage_offset():
-        t = t.clone()
-    return t
+                self.chunk_sources[i] = written_file(folder, name, manifest)
 
 
 class JointModelUpdater(_BaselineModelUpdater):
