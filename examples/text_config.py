@@ -8,7 +8,8 @@ their longest sentence (dynamic padding) by `COLLATE_FN`, which returns what Hug
 collators return: a dict of `input_ids`, `attention_mask` and `labels`. The model is
 `BertForSequenceClassification` built from a small `BertConfig` (random init, no weights
 fetched), a plain `nn.Module` to retain: its state folder stores its weights, and `model_fn()`
-rebuilds it for the next update and for `retain evaluate`. Needs `pip install 'retain[hf]'`.
+rebuilds it for the next update and for `retain evaluate`. Needs the hf extra
+(`pip install -e '.[hf]'` from a clone; `make test` installs it).
 
     RETAIN_CHUNK=0 retain update --config examples/text_config.py --output-state state/t0
     RETAIN_CHUNK=1 retain update --config examples/text_config.py --input-state state/t0 --output-state state/t1

@@ -114,3 +114,15 @@ def test_quick_start_is_deterministic_across_processes(tmp_path: Path) -> None:
     out_b, state_b = _quick_start(tmp_path / "b")
     assert out_a == out_b and "tensor(0.9" in out_a
     assert state_a == state_b
+
+
+def test_no_document_installs_the_unrelated_pypi_package() -> None:
+    """`pip install retain...` would fetch an unrelated PyPI project: every install instruction in
+    the documents, examples, benchmarks and the package names the clone (`-e .`) or `retain-cl`."""
+    wrong = re.compile(r"pip install (?:-U )?['\"]?retain(?![-\w])")
+    places = [ROOT / "README.md", *ROOT.glob("benchmarks/*.md"), *ROOT.glob("benchmarks/*.py"),
+              *ROOT.glob("examples/*.py"), *ROOT.glob("tests/README.md"), *(ROOT / "src").rglob("*.py")]  # fmt: skip
+    found = [f"{p.relative_to(ROOT)}: {m.group(0)}" for p in places for m in wrong.finditer(p.read_text())]
+    assert found == []
+    assert wrong.search("pip install 'retain[hf]'") and not wrong.search("pip install -e '.[hf]'")
+    assert not wrong.search("pip install retain-cl")
