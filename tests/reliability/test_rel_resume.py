@@ -220,3 +220,13 @@ def test_optimizer_and_scheduler_state_round_trip_without_pickle() -> None:
         flatten_tree({"fn": shutil.rmtree})
     with pytest.raises(StateError, match="unreferenced tensors"):
         unflatten_tree(data, {**tensors, "extra": torch.zeros(1)})
+
+
+def test_dict_keys_of_a_checkpoint_are_scalars_none_included() -> None:
+    """A None key (as in some schedulers' states) survives; a key that decodes to a list or a
+    tuple (a hand-edited checkpoint) is refused, since a dict cannot hold it."""
+    data, tensors = flatten_tree({None: 1, 2: "b", "c": 3.5})
+    assert unflatten_tree(data, tensors) == {None: 1, 2: "b", "c": 3.5}
+    for key in ([1, 2], {"__tuple__": [1]}):
+        with pytest.raises(StateError, match=r"^checkpoint: invalid dict key"):
+            unflatten_tree({"__dict__": [[key, 1]]}, {})

@@ -204,3 +204,19 @@ def test_settings_hidden_from_a_callables_repr_change_the_fingerprint(tmp_path: 
     assert fingerprint(build(tmp_path, train_transform=transform_a)) != fingerprint(
         build(tmp_path, train_transform=transform_b)
     )
+
+
+def test_a_partials_function_is_seen_through_the_partial(tmp_path: Path) -> None:
+    """``functools.partial(f, lr=...)`` of two functions with the same name (and so the same repr)
+    but different bodies: the digest looks into the partial's function."""
+
+    def make_a(params: Any, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr)
+
+    def make_b(params: Any, lr: float) -> torch.optim.Optimizer:
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+
+    make_b.__name__ = make_b.__qualname__ = make_a.__qualname__
+    a, b = functools.partial(make_a, lr=0.1), functools.partial(make_b, lr=0.1)
+    assert repr(a).split(" at ")[0] == repr(b).split(" at ")[0]
+    assert fingerprint(build(tmp_path, optimizer=a)) != fingerprint(build(tmp_path, optimizer=b))
