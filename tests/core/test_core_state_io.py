@@ -103,8 +103,10 @@ def test_the_files_of_a_state_are_written_at_the_same_time_with_the_same_bytes(
     monkeypatch.setattr(state, "write_file", spy)
     write_state(tmp_path / "parallel", MANIFEST, json_files, tensor_files)
     files = {n: t for n, t in threads.items() if n != "manifest.json"}  # the manifest comes after them
-    assert len(files) == 4 and len(set(files.values())) == 4  # one thread per file
+    assert len(files) == 4
     assert files["t.safetensors"] == threading.get_ident()  # the largest in the calling thread
+    # the others in the pool's threads, beside it (a pool thread that is done may take a second file)
+    assert all(ident != threading.get_ident() for name, ident in files.items() if name != "t.safetensors")
     names = sorted(p.name for p in (tmp_path / "parallel").iterdir())
     assert names == sorted(p.name for p in (tmp_path / "sequential").iterdir())
     for name in names:
