@@ -117,7 +117,7 @@ def test_the_copies_are_frozen_and_the_served_copy_holds_no_gradient() -> None:
     torch.manual_seed(0)
     updater = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)))
     served = updater.update(make_data(40, seed=1))
-    component = updater.learner._components["cls_loss"]
+    component = updater.learner.built_components["cls_loss"]
     assert served is component.stable_model
     for copy_model in (component.stable_model, component.plastic_model):
         assert [p.requires_grad for p in copy_model.parameters()] == [False] * len(list(copy_model.parameters()))
@@ -153,7 +153,7 @@ def test_load_state_into_an_updater_gives_its_copies_the_task_heads_of_the_state
     torch.manual_seed(0)
     loader = cls_updater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)))
     loader.load_state(StateFolder(tmp_path / "s1"))
-    mine, theirs = loader.learner._components["cls_loss"], trained.learner._components["cls_loss"]
+    mine, theirs = loader.learner.built_components["cls_loss"], trained.learner.built_components["cls_loss"]
     for name in ("stable_model", "plastic_model"):
         assert getattr(mine, name).task_ids == ["default_task", "t1"]
         assert states_equal(getattr(mine, name), getattr(theirs, name)), name
