@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from retain.batching import LoaderOptions
+from retain.models.base import ContinualModel
 
 ACCELERATORS = ("auto", "cpu", "gpu", "cuda", "mps")
 STRATEGIES = ("auto", "ddp", "ddp_spawn", "single_device")
@@ -376,3 +377,20 @@ class UpdaterArguments:
         input_state_folder: state folder written by the previous update (None for the first update).
         output_state_folder: where this update writes the new state folder, atomically (None: nothing is written).
     """
+
+
+def model_arguments() -> list[inspect.Parameter]:
+    """``model, loss_fn, optimizer``: the first positional arguments of every updater (the spec's)."""
+    return [
+        inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
+        inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
+        inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+    ]
+
+
+def state_folder_arguments() -> list[inspect.Parameter]:
+    """``input_state_folder, output_state_folder``: keyword-only arguments of every updater."""
+    return [
+        inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+        inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+    ]

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import inspect
 import json
 from pathlib import Path
 from typing import Any
@@ -26,12 +25,12 @@ from retain.learners.base import Checkpoint, Learner, check_joinable
 from retain.models.base import ContinualModel
 from retain.nested import NestedTensors
 from retain.options import (
-    KEYWORD_ONLY,
-    POSITIONAL_OR_KEYWORD,
     TrainingOptions,
     UpdaterArguments,
     install_signature,
+    model_arguments,
     option_docs,
+    state_folder_arguments,
     training_option_parameters,
 )
 from retain.state import (
@@ -56,11 +55,8 @@ class _BaselineModelUpdater(SingleTrainingLoopUpdater):
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
         parameters = [
-            inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
-            inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
-            inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
-            inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
-            inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            *model_arguments(),
+            *state_folder_arguments(),
             *training_option_parameters(),
         ]
         docs = option_docs(UpdaterArguments, TrainingOptions)

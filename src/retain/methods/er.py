@@ -40,7 +40,9 @@ from retain.options import (
     TrainingOptions,
     UpdaterArguments,
     install_signature,
+    model_arguments,
     option_docs,
+    state_folder_arguments,
     training_option_parameters,
 )
 from retain.updaters.base import SingleTrainingLoopUpdater
@@ -504,9 +506,7 @@ class _ExperienceReplayModelUpdater(SingleTrainingLoopUpdater):
         replay = inspect.signature(BaseExperienceReplayLearner.__init__).parameters
         memory = inspect.signature(ReplayLearner.__init__).parameters
         prefix = [
-            inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
-            inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
-            inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+            *model_arguments(),
             memory["memory_size"].replace(default=DEFAULT_MEMORY_SIZE),
             memory["batch_memory_frac"],
             replay["loss_weight"],
@@ -515,8 +515,7 @@ class _ExperienceReplayModelUpdater(SingleTrainingLoopUpdater):
         ]
         keyword = [
             memory["memory_batch_size"].replace(kind=KEYWORD_ONLY),
-            inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
-            inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+            *state_folder_arguments(),
             *training_option_parameters(),
         ]
         docs = option_docs(cls.learner_class, ReplayLearner, UpdaterArguments, TrainingOptions)

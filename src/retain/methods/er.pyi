@@ -9,7 +9,7 @@ from retain.learners.base import Batch, Checkpoint, ReplayLearner, clear_activat
 from retain.learners.components import LOGITS, Component, ShrinkAndPerturbReinitializationComponent, WeightedCLSLossComponent, WeightedCustomLossComponent, WeightedMeanSquaredErrorLossComponent, WeightedPooledOutputDistillationLossComponent
 from retain.memory import MemoryBatch
 from retain.models.base import ContinualModel
-from retain.options import KEYWORD_ONLY, POSITIONAL_OR_KEYWORD, TRAINING_OPTION_NAMES, TrainingOptions, UpdaterArguments, install_signature, option_docs, training_option_parameters
+from retain.options import KEYWORD_ONLY, POSITIONAL_OR_KEYWORD, TRAINING_OPTION_NAMES, TrainingOptions, UpdaterArguments, install_signature, model_arguments, option_docs, state_folder_arguments, training_option_parameters
 from retain.updaters.base import SingleTrainingLoopUpdater
 from pathlib import Path
 from collections.abc import Callable

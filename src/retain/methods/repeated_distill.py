@@ -55,7 +55,9 @@ from retain.options import (
     TrainingOptions,
     UpdaterArguments,
     install_signature,
+    model_arguments,
     option_docs,
+    state_folder_arguments,
     training_option_parameters,
 )
 from retain.updaters.base import ModelUpdater, deterministic
@@ -455,14 +457,11 @@ class RepeatedDistillationModelUpdater(ModelUpdater):
 install_signature(
     RepeatedDistillationModelUpdater,
     [
-        inspect.Parameter("model", POSITIONAL_OR_KEYWORD, annotation=ContinualModel),
-        inspect.Parameter("loss_fn", POSITIONAL_OR_KEYWORD, default=None, annotation="nn.Module | None"),
-        inspect.Parameter("optimizer", POSITIONAL_OR_KEYWORD, default=None, annotation="Callable | None"),
+        *model_arguments(),
         inspect.Parameter("memory_size", POSITIONAL_OR_KEYWORD, default=500, annotation=int),
         inspect.Parameter("consolidation_epochs", KEYWORD_ONLY, default=None, annotation="int | None"),
         inspect.Parameter("consolidation_batch_size", KEYWORD_ONLY, default=None, annotation="int | None"),
-        inspect.Parameter("input_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
-        inspect.Parameter("output_state_folder", KEYWORD_ONLY, default=None, annotation="str | Path | None"),
+        *state_folder_arguments(),
         *training_option_parameters(seed=None),
     ],
     RepeatedDistillationModelUpdater._build,

@@ -16,7 +16,7 @@ from retain.methods.baselines import reset_parameters
 from retain.models.adapter import forward_logits
 from retain.models.base import DEFAULT_TASK_ID, ContinualModel, rebuild_model, registered_models
 from retain.nested import NestedTensors
-from retain.options import KEYWORD_ONLY, POSITIONAL_OR_KEYWORD, SEED_STRIDE, TrainingOptions, UpdaterArguments, install_signature, option_docs, training_option_parameters
+from retain.options import KEYWORD_ONLY, POSITIONAL_OR_KEYWORD, SEED_STRIDE, TrainingOptions, UpdaterArguments, install_signature, model_arguments, option_docs, state_folder_arguments, training_option_parameters
 from retain.updaters.base import ModelUpdater, deterministic
 from retain.updaters.loop import FitResult, fit
 from pathlib import Path
