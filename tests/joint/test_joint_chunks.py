@@ -68,29 +68,22 @@ def test_state_holds_one_chunk_per_update_and_links_the_earlier_ones(tmp_path: P
 def test_training_data_of_the_update_equals_all_chunks_so_far(tmp_path: Path) -> None:
     folders = _run(tmp_path, 3)
     updater = _updater(folders[-1], tmp_path / "s3")
+    from first_epoch import FirstEpoch  # here: the subprocess scripts import this module with tests/joint only
+
     learner = updater.learner
-    batches: list[tuple[torch.Tensor, torch.Tensor]] = []
-    original = learner.on_model_update_start
-
-    def capture(*args, **kwargs) -> None:
-        original(*args, **kwargs)
-        source = learner.train_dataloader()
-        assert isinstance(source, ChunkedBatchSource)
-        state = learner.generator.get_state()
-        batches.extend(source)  # one epoch, then the generator is put back for the real training
-        learner.generator.set_state(state)
-        every = [_chunk(k) for k in range(4)]
-        reference = BatchSource(
-            TensorDataset(torch.cat([d.tensors[0] for d in every]), torch.cat([d.tensors[1] for d in every])),
-            learner.train_batch_size, learner.device, shuffle=True, generator=torch.Generator().set_state(state),
-        )  # fmt: skip
-        expected = list(reference)
-        assert len(batches) == len(expected) == len(source)
-        for (x, y), (ex, ey) in zip(batches, expected, strict=True):
-            assert torch.equal(x, ex) and torch.equal(y, ey)
-
-    learner.on_model_update_start = capture  # type: ignore[method-assign]
+    epoch = FirstEpoch(learner)
     updater.update(_chunk(3))
+    assert isinstance(epoch.source, ChunkedBatchSource)
+    every = [_chunk(k) for k in range(4)]
+    reference = BatchSource(
+        TensorDataset(torch.cat([d.tensors[0] for d in every]), torch.cat([d.tensors[1] for d in every])),
+        learner.train_batch_size, learner.device, shuffle=True, generator=epoch.generator(),
+    )  # fmt: skip
+    expected = list(reference)
+    batches = epoch.batches
+    assert len(batches) == len(expected) == len(epoch.source)
+    for (x, y), (ex, ey) in zip(batches, expected, strict=True):
+        assert torch.equal(x, ex) and torch.equal(y, ey)
     seen = torch.cat([x for x, _ in batches])
     assert seen.shape[0] == 4 * 60 and torch.equal(seen.sort(0).values, learner.seen_inputs.sort(0).values)
 

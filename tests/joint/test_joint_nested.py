@@ -16,6 +16,7 @@ import torch
 from torch import Tensor
 from torch.utils.data import Dataset
 
+from first_epoch import FirstEpoch
 from padded_sequences import PAD, MaskedMean, pad_collate
 from retain import JointModelUpdater, StateError, nested
 from retain.batching import BatchSource, NestedTensorDataset
@@ -95,32 +96,23 @@ def test_batches_over_nested_chunks_equal_batches_of_the_padded_concatenation(tm
     folders = _run(tmp_path, 2)
     updater = _updater(folders[-1], tmp_path / "s2")
     learner = updater.learner
-    seen: list[tuple[dict[str, Tensor], Tensor]] = []
-    original = learner.on_model_update_start
-
-    def capture(*args, **kwargs) -> None:
-        original(*args, **kwargs)
-        source = learner.train_dataloader()
-        assert isinstance(source, ChunkedBatchSource)
-        state = learner.generator.get_state()
-        seen.extend(source)  # one epoch, then the generator is put back for the real training
-        learner.generator.set_state(state)
-        parts = [_expected_chunk(k) for k in range(3)]
-        joined = nested.cat([{"input_ids": p["input_ids"], "attention_mask": p["attention_mask"]} for p in parts],
-                            {"input_ids": PAD})  # fmt: skip
-        reference = BatchSource(
-            NestedTensorDataset(joined, torch.cat([p["targets"] for p in parts])), learner.train_batch_size,
-            learner.device, shuffle=True, generator=torch.Generator().set_state(state),
-        )  # fmt: skip
-        expected = list(reference)
-        assert len(seen) == len(expected) == len(source) == 15
-        for (x, y), (ex, ey) in zip(seen, expected, strict=True):
-            assert list(x) == ["input_ids", "attention_mask"] and x["input_ids"].shape[1] == 12
-            assert torch.equal(x["input_ids"], ex["input_ids"]) and torch.equal(y, ey)
-            assert torch.equal(x["attention_mask"], ex["attention_mask"])
-
-    learner.on_model_update_start = capture  # type: ignore[method-assign]
+    epoch = FirstEpoch(learner)
     updater.update(Sequences(2), train_dataset_collate_fn=pad_collate)
+    assert isinstance(epoch.source, ChunkedBatchSource)
+    seen = epoch.batches
+    parts = [_expected_chunk(k) for k in range(3)]
+    joined = nested.cat([{"input_ids": p["input_ids"], "attention_mask": p["attention_mask"]} for p in parts],
+                        {"input_ids": PAD})  # fmt: skip
+    reference = BatchSource(
+        NestedTensorDataset(joined, torch.cat([p["targets"] for p in parts])), learner.train_batch_size,
+        learner.device, shuffle=True, generator=epoch.generator(),
+    )  # fmt: skip
+    expected = list(reference)
+    assert len(seen) == len(expected) == len(epoch.source) == 15
+    for (x, y), (ex, ey) in zip(seen, expected, strict=True):
+        assert list(x) == ["input_ids", "attention_mask"] and x["input_ids"].shape[1] == 12
+        assert torch.equal(x["input_ids"], ex["input_ids"]) and torch.equal(y, ey)
+        assert torch.equal(x["attention_mask"], ex["attention_mask"])
     ids = torch.cat([x["input_ids"] for x, _ in seen])
     masks = torch.cat([x["attention_mask"] for x, _ in seen])
     assert bool(((masks == 0) == (ids == PAD)).all()), "padding is the declared pad id with mask 0"
