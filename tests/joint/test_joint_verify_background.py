@@ -20,7 +20,7 @@ from retain import JointModelUpdater, StateError
 from retain.chunks import chunk_name
 
 sys.path.insert(0, str(Path(__file__).parent))
-from test_joint_chunks import _chunk, _flip_an_input_bit, _run, _updater
+from test_joint_chunks import _CONTINUE, _chunk, _flip_an_input_bit, _run, _updater
 
 
 def _files(folder: Path) -> dict[str, bytes]:
@@ -115,20 +115,11 @@ def test_a_chunk_header_forged_with_its_size_kept_is_refused_at_load(tmp_path: P
         _updater(s1, tmp_path / "s2")
 
 
-_ALTERED_IN_A_NEW_PROCESS = """
-import sys, torch
-torch.set_num_threads(1)
-sys.path.insert(0, {tests!r})
-from pathlib import Path
-from test_joint_chunks import _chunk, _updater
-_updater(Path({src!r}), Path({out!r})).update(_chunk(2))
-"""
-
-
 def test_a_chunk_altered_between_processes_is_refused_in_a_fresh_process(tmp_path: Path) -> None:
     _, s1 = _run(tmp_path, 2)
     _flip_an_input_bit(s1 / chunk_name(1))
-    script = _ALTERED_IN_A_NEW_PROCESS.format(tests=str(Path(__file__).parent), src=str(s1), out=str(tmp_path / "s2"))
+    # the next update, in a new process
+    script = _CONTINUE.format(tests=str(Path(__file__).parent), src=str(s1), out=str(tmp_path / "s2"))
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     done = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
     assert done.returncode != 0
