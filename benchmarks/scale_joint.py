@@ -7,7 +7,9 @@ Tables (each a function, printed by ``main``):
    process: seconds to load the state (updater construction: verification + restore), to save it,
    the state's size, and the disk bytes each update adds (files not shared with the previous
    state), as medians of updates 2-6 and of the last five; plus the load of state N-1 in a fresh
-   process, where no file has been verified yet (Joint hashes every chunk there).
+   process, where no file has been verified yet (Joint hashes every chunk there); and Joint's
+   update 2 and last update alternated ``--rounds`` times (paired load+save ratio: on a shared
+   machine the load drifts between update 2 and update 50 of the consecutive run).
 2. ``fresh_table``: Joint's update 2 and update ``--updates`` each in a fresh process, where every
    chunk is hashed: load, ``update()`` (training, then the wait for the background verification),
    save and whole-process wall, with the chunks verified at load (the sequential path) and while
@@ -19,7 +21,7 @@ Tables (each a function, printed by ``main``):
    --dataset mnist`` (the DER paper's Split-MNIST protocol); medians of ``--repeats`` runs.
 
     OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scale_joint.py [--updates 50] [--items 1000]
-        [--repeats 3] [--mnist-dir ../shared/data] [--tables overhead fresh first cli]
+        [--repeats 3] [--rounds 9] [--mnist-dir ../shared/data] [--tables overhead fresh first cli]
 """
 
 from __future__ import annotations
@@ -96,6 +98,25 @@ def per_update_overhead(method: str, updates: int, items: int, work: Path) -> li
     return rows
 
 
+def interleaved_load_save(folders: dict[int, Path], items: int, rounds: int, work: Path) -> dict[int, list[float]]:
+    """Load+save seconds of Joint update ``k`` from ``folders[k]`` (state ``k - 1``), the updates
+    alternated ``rounds`` times in this process (training is not timed), so that both see the same
+    machine load: paired figures for a shared machine, where consecutive updates drift with it."""
+    seconds: dict[int, list[float]] = {k: [] for k in folders}
+    for _ in range(rounds):
+        for k, folder in folders.items():
+            started = time.perf_counter()
+            updater = _updater("joint", folder)
+            loaded = time.perf_counter()
+            updater.update(_chunk(k - 1, items))
+            trained = time.perf_counter()
+            out = work / "interleaved"
+            updater.save_state(out)
+            seconds[k].append(loaded - started + time.perf_counter() - trained)
+            shutil.rmtree(out)
+    return seconds
+
+
 _FRESH_LOAD = """
 import sys, time
 sys.path.insert(0, {bench!r})
@@ -123,7 +144,7 @@ def _median_row(rows: list[dict[str, float]]) -> dict[str, Any]:
     return out
 
 
-def overhead_table(updates: int, items: int) -> str:
+def overhead_table(updates: int, items: int, rounds: int = 9) -> str:
     lines = [
         f"DER and Joint, {updates} updates of {items} float32 3x32x32 items each (one process, each update a new "
         "updater on the previous state folder):",
@@ -153,6 +174,13 @@ def overhead_table(updates: int, items: int) -> str:
                 apparent = sum(r["state_mb"] for r in rows)
                 extra.append(f"- joint: the {updates} states take {disk:.0f} MB of disk ({apparent:.0f} MB apparent)")
                 folder = Path(tmp) / f"joint{updates - 2:03d}"
+                pairs = interleaved_load_save({2: Path(tmp) / "joint000", updates: folder}, items, rounds, Path(tmp))
+                ratios = [b / a for a, b in zip(pairs[2], pairs[updates], strict=True)]
+                extra.append(
+                    f"- joint, interleaved ({rounds} rounds of update 2, then {updates}, same process): load+save "
+                    f"{statistics.median(pairs[2]):.3f} s vs {statistics.median(pairs[updates]):.3f} s, median paired "
+                    f"ratio {statistics.median(ratios):.2f}x"
+                )
                 fresh = statistics.median(fresh_process_load("joint", folder) for _ in range(3))
                 extra.append(
                     f"- joint: loading state {updates - 1} in a fresh process (every chunk hashed): {fresh:.3f} s "
@@ -347,6 +375,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--updates", type=int, default=50)
     p.add_argument("--items", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=3)
+    p.add_argument("--rounds", type=int, default=9, help="interleaved rounds of Joint's update 2 and last update")
     p.add_argument("--mnist-dir", type=Path, default=None, help="folder with mnist/ for the retain benchmark row")
     p.add_argument("--tables", nargs="+", choices=TABLES, default=list(TABLES), help="which tables (default: all)")
     args = p.parse_args(argv)
@@ -355,7 +384,7 @@ def main(argv: list[str] | None = None) -> None:
     for table in args.tables:
         print()
         if table == "overhead":
-            print(overhead_table(args.updates, args.items))
+            print(overhead_table(args.updates, args.items, args.rounds))
         elif table == "fresh":
             print(fresh_table(args.updates, args.items, args.repeats))
         elif table == "first":

@@ -121,7 +121,7 @@ def map_chunk(source: LinkedFile, structure: Any = TENSOR) -> tuple[NestedTensor
     base = len(head)
     tensors: dict[str, Tensor] = {}
     for key, (dtype, shape, begin, end) in entries.items():
-        itemsize = torch.empty((), dtype=dtype).element_size()
+        itemsize = dtype.itemsize
         count = math.prod(shape)
         if count == 0:
             tensor = torch.empty(shape, dtype=dtype)

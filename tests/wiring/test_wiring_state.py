@@ -4,7 +4,8 @@ A spy on ``os.fsync`` records the path of every descriptor synced (read from /pr
 on ``os.rename`` records the renames in the same sequence, so the order is checked too: each file
 of the folder is synced while it is still in the temporary folder, the temporary folder itself is
 synced before it is renamed into place, and the parent folder after the rename (the rename
-itself is then durable).
+itself is then durable). A spy on ``os.link`` records hard links: a file a state links from its
+input (Joint's chunks) is not synced again, so the folder's sync must come after its last link.
 """
 
 from __future__ import annotations
@@ -30,9 +31,10 @@ def data() -> TensorDataset:
 
 @pytest.fixture
 def disk_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
-    """("fsync", path) and ("rename", source, destination) in the order they happen."""
+    """("fsync", path), ("rename", source, destination) and ("link", source, destination) in the
+    order they happen."""
     log: list[tuple[str, ...]] = []
-    real_fsync, real_rename = os.fsync, os.rename
+    real_fsync, real_rename, real_link = os.fsync, os.rename, os.link
 
     def fsync(fd: int) -> None:
         log.append(("fsync", os.readlink(f"/proc/self/fd/{fd}")))
@@ -42,13 +44,19 @@ def disk_log(monkeypatch: pytest.MonkeyPatch) -> list[tuple[str, ...]]:
         log.append(("rename", str(Path(src).absolute()), str(Path(dst).absolute())))
         real_rename(src, dst, **kwargs)
 
+    def link(src: str | os.PathLike, dst: str | os.PathLike, **kwargs) -> None:
+        real_link(src, dst, **kwargs)
+        log.append(("link", str(Path(src).absolute()), str(Path(dst).absolute())))
+
     monkeypatch.setattr(os, "fsync", fsync)
     monkeypatch.setattr(os, "rename", rename)
+    monkeypatch.setattr(os, "link", link)
     return log
 
 
-def check_durable_write(log: list[tuple[str, ...]], folder: Path) -> None:
-    """``folder`` was written as a synced temporary folder, renamed into place, then its parent synced."""
+def check_durable_write(log: list[tuple[str, ...]], folder: Path, linked: frozenset[str] = frozenset()) -> None:
+    """``folder`` was written as a synced temporary folder, renamed into place, then its parent
+    synced; the files named in ``linked`` were hard-linked into it instead of written and synced."""
     folder = folder.absolute()
     into_place = [i for i, e in enumerate(log) if e[0] == "rename" and e[2] == str(folder)]
     assert into_place, f"{folder} was not renamed into place"
@@ -56,12 +64,15 @@ def check_durable_write(log: list[tuple[str, ...]], folder: Path) -> None:
     tmp = Path(log[at][1])
     assert tmp.parent == folder.parent and tmp.name.startswith(f".{folder.name}.")
     synced_before = [Path(e[1]) for e in log[:at] if e[0] == "fsync"]
+    links = {Path(e[2]).name for e in log[:at] if e[0] == "link" and Path(e[2]).parent == tmp}
+    assert links == linked, f"hard-linked {sorted(links)}, expected {sorted(linked)}"
     for name in sorted(p.name for p in folder.iterdir()):
-        assert tmp / name in synced_before, f"{name} was not fsynced before the folder was renamed into place"
+        if name not in linked:
+            assert tmp / name in synced_before, f"{name} was not fsynced before the folder was renamed into place"
     assert tmp in synced_before, "the temporary folder itself was not fsynced before its rename"
-    last_file_sync = max(i for i, e in enumerate(log[:at]) if e[0] == "fsync" and Path(e[1]).parent == tmp)
+    last_entry = max(i for i, e in enumerate(log[:at]) if e[0] in ("fsync", "link") and Path(e[-1]).parent == tmp)
     dir_syncs = [i for i, e in enumerate(log[:at]) if e[0] == "fsync" and Path(e[1]) == tmp]
-    assert max(dir_syncs) > last_file_sync, "the temporary folder was synced before its last file"
+    assert max(dir_syncs) > last_entry, "the temporary folder was synced before its last file or link"
     after = [Path(e[1]) for e in log[at + 1 :] if e[0] == "fsync"]
     assert folder.parent in after, "the parent folder was not fsynced after the rename"
 
@@ -77,6 +88,31 @@ def test_every_file_and_folder_of_a_state_write_is_fsynced(disk_log: list[tuple[
     assert {p.name for p in folder.iterdir()} >= {"manifest.json", "model.safetensors", "learner.json",
                                                   "learner.safetensors", "memory.json", "memory.safetensors"}
     check_durable_write(disk_log, folder)
+
+
+def test_a_joint_state_syncs_what_it_writes_and_links_its_inputs_synced_chunks(
+    disk_log: list[tuple[str, ...]], tmp_path: Path
+) -> None:
+    """The second Joint state writes (and syncs) only its own chunk; the first update's chunk is a
+    hard link to the file the first state synced, made durable by the folder's sync after it."""
+    from retain.methods import JointModelUpdater
+
+    def update(k: int) -> Path:
+        JointModelUpdater(
+            MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=4, max_epochs=1, accelerator="cpu",
+            input_state_folder=tmp_path / f"v{k - 1}" if k else None, output_state_folder=tmp_path / f"v{k}",
+        ).update(data())  # fmt: skip
+        return tmp_path / f"v{k}"
+
+    first = update(0)
+    check_durable_write(disk_log, first)  # chunk_000000 written into the first state and synced there
+    disk_log.clear()
+    second = update(1)
+    assert {p.name for p in second.iterdir()} >= {"chunk_000000.safetensors", "chunk_000001.safetensors"}
+    same = os.stat(first / "chunk_000000.safetensors").st_ino == os.stat(second / "chunk_000000.safetensors").st_ino
+    assert same, "the first chunk was not hard-linked from the input state"
+    check_durable_write(disk_log, second, linked=frozenset({"chunk_000000.safetensors"}))
 
 
 def test_a_replaced_state_and_a_resume_checkpoint_are_fsynced(disk_log: list[tuple[str, ...]], tmp_path: Path) -> None:

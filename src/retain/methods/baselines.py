@@ -63,6 +63,11 @@ class _BaselineModelUpdater(SingleTrainingLoopUpdater):
         install_signature(cls, parameters, _build_baseline, docs)
 
 
+def _outside(targets: Tensor, num_classes: int) -> bool:
+    """Whether any of ``targets`` lies outside ``[0, num_classes)``."""
+    return bool(targets.numel()) and (int(targets.min()) < 0 or int(targets.max()) >= num_classes)
+
+
 def _build_baseline(
     self: _BaselineModelUpdater,
     model: ContinualModel,
@@ -256,12 +261,20 @@ class JointLearner(Learner):
                         )
                 if y.dtype != first_y.dtype:
                     raise StateError(f"{source.path}: {y.dtype} targets differ from the {first_y.dtype} of {names[0]}")
-            y = y.clone()  # small: read now, right after the checksum, and checked once
-            if y.numel() and num_classes and (int(y.min()) < 0 or int(y.max()) >= num_classes):
-                raise StateError(f"{source.path}: targets must lie in [0, {num_classes - 1}]")
             chunks.append((x, y))
             sources.append(source)
-        self.chunks, self.chunk_sources = chunks, sources
+        # the targets are small: read now, right after the checksums, in one copy, and checked once
+        if chunks:
+            targets = torch.cat([y for _, y in chunks])
+            if targets.numel() and num_classes:
+                low, high = (int(v) for v in torch.aminmax(targets))
+                if low < 0 or high >= num_classes:
+                    bad = next(s for (_, y), s in zip(chunks, sources, strict=True) if _outside(y, num_classes))
+                    raise StateError(f"{bad.path}: targets must lie in [0, {num_classes - 1}]")
+            ys = torch.split(targets, [len(y) for _, y in chunks])
+            chunks = [(x, y) for (x, _), y in zip(chunks, ys, strict=True)]
+        self.chunks = chunks
+        self.chunk_sources = sources
 
     def chunk_files(self) -> tuple[dict[str, dict[str, Tensor]], dict[str, LinkedFile]]:
         """The chunks for a state folder: those read from a file as linked files (``write_state``

@@ -24,6 +24,9 @@ class _BaselineModelUpdater(SingleTrainingLoopUpdater):
     learner_class: type[Learner]
 
 
+def _outside(targets: Tensor, num_classes: int) -> bool: ...
+
+
 def _build_baseline(self: _BaselineModelUpdater, model: ContinualModel, loss_fn: nn.Module | None, optimizer: Any, input_state_folder: Any, output_state_folder: Any, **options: Any) -> None: ...
 
 

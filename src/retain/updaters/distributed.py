@@ -238,7 +238,7 @@ def gather_memory(local: ReservoirMemory, memory_size: int) -> ReservoirMemory:
         for key in _item_keys(reference):
             shape, dtype_name = reference[key]
             dtype = getattr(torch, dtype_name)
-            row_bytes = math.prod(shape) * torch.empty((), dtype=dtype).element_size()
+            row_bytes = math.prod(shape) * dtype.itemsize
             padded = torch.zeros((max_rows, row_bytes), dtype=torch.uint8, device=device)
             if rows:
                 padded[:rows] = tensors[key].reshape(rows, -1).contiguous().view(torch.uint8).to(device)
