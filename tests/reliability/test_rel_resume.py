@@ -301,10 +301,22 @@ def _rewrite(folder: Path, **edits: Any) -> None:
     write_state(folder, manifest, json_files, tensor_files)
 
 
-def test_an_unedited_checkpoint_resumes(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_an_unedited_checkpoint_resumes_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rewritten (still valid) checkpoint resumes, with a log line; a temporary left by a killed
+    writer or remover of the checkpoint is deleted first."""
+    import logging
+
     job, folder = _checkpoint(tmp_path, monkeypatch)
     _rewrite(folder)
-    assert _update(job).resumed_from_epoch == 1
+    stale = tmp_path / f".{folder.name}.tmp-12345-0123abcd"
+    stale.mkdir()
+    (stale / "x").write_text("left by a killed writer")
+    with caplog.at_level(logging.INFO, logger="retain"):
+        assert _update(job).resumed_from_epoch == 1
+    assert f"resuming the update from its checkpoint after epoch 1 ({folder})" in caplog.text
+    assert not stale.exists() and siblings(tmp_path / "out") == ["out"]
 
 
 @pytest.mark.parametrize(
@@ -322,8 +334,18 @@ def test_a_checkpoint_of_another_format_or_update_is_ignored_with_a_warning(
 ) -> None:
     job, folder = _checkpoint(tmp_path, monkeypatch)
     _rewrite(folder, resume_json=resume)
+    restore = ResumeCheckpointer.restore
+    left: list[bool] = []
+
+    def restore_then_look(self: ResumeCheckpointer) -> dict[str, Any]:
+        kwargs = restore(self)
+        left.append(self.folder.exists())
+        return kwargs
+
+    monkeypatch.setattr(ResumeCheckpointer, "restore", restore_then_look)
     with pytest.warns(UserWarning, match=message):
         updater = _update(job)
+    assert left == [False], "the ignored checkpoint was not removed before training"
     assert updater.resumed_from_epoch == 0 and updater.last_fit.epochs == 3
     assert siblings(tmp_path / "out") == ["out"]
 
@@ -372,6 +394,7 @@ def test_the_global_random_generators_round_trip() -> None:
     np.random.standard_normal()  # one of a pair: the second is cached (has_gauss=1)
     random.gauss(0.0, 1.0)  # likewise gauss_next
     meta, tensors = global_rng_state()
+    assert tensors["numpy_keys"].dtype == torch.int64  # safetensors-friendly, read back as uint32
     assert meta["numpy"]["has_gauss"] == 1 and meta["python"]["gauss_next"] is not None
     assert meta["cuda_devices"] == (torch.cuda.device_count() if torch.cuda.is_initialized() else 0)
 

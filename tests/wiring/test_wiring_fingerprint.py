@@ -93,10 +93,21 @@ CHANGES: dict[str, dict[str, Any]] = {
 }
 
 
+class MetricsLogger:
+    """A logger (callable, so it would count as a callable option if it were not neutral)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def __call__(self) -> None:
+        pass
+
+
 def test_the_same_update_has_the_same_fingerprint(tmp_path: Path, states: tuple[Path, Path]) -> None:
     assert fingerprint(build(tmp_path)) == fingerprint(build(tmp_path))
     assert fingerprint(build(tmp_path, states[0])) == fingerprint(build(tmp_path, states[0]))
-    neutral = build(tmp_path, checkpoint_every_n_epochs=1, progress_bar=True, log_every_n_steps=7)
+    neutral = build(tmp_path, checkpoint_every_n_epochs=1, progress_bar=True, log_every_n_steps=7,
+                    logger=MetricsLogger())  # fmt: skip
     assert fingerprint(neutral) == fingerprint(build(tmp_path)), "options that change no result changed it"
 
 
@@ -250,12 +261,19 @@ class OtherItems(Items):
 
 
 class Stream(torch.utils.data.IterableDataset):
-    def __init__(self, first: float = 0.0) -> None:
-        self.x = torch.arange(60.0).reshape(20, 3)
-        self.x[0, 0] = first
+    """40 items; ``edit``: the item whose first input value is changed."""
+
+    def __init__(self, edit: int | None = None) -> None:
+        self.x = torch.arange(120.0).reshape(40, 3)
+        if edit is not None:
+            self.x[edit, 0] = -1.0
 
     def __iter__(self) -> Any:
-        return iter([(self.x[i], torch.tensor(i % 2)) for i in range(20)])
+        return iter([(self.x[i], torch.tensor(i % 2)) for i in range(40)])
+
+
+def dict_collate(items: list[Any]) -> Any:
+    return {"x": torch.stack([x for x, _ in items])}, torch.stack([y for _, y in items])
 
 
 def sampled(n: int) -> list[int]:
@@ -271,7 +289,9 @@ def test_a_datasets_digest_sees_its_labels_class_size_and_sampled_inputs() -> No
     assert base is not None and base["items"] == 40 and base["stable_leaves"] == [""]
     assert data_digest(Items()) == base
     inside, outside = sampled(40)[0], next(i for i in range(40) if i not in sampled(40))
-    assert data_digest(Items(edit=outside)) == base, "an input outside the sampled subset is not read"
+    for unread in (i for i in range(40) if i not in sampled(40)):
+        assert data_digest(Items(edit=unread)) == base, f"item {unread}, outside the sampled subset, was read"
+    assert all(data_digest(Items(edit=i)) != base for i in sampled(40)), "an item of the sampled subset was not read"
     changed = {
         "sampled input": data_digest(Items(edit=inside)),
         "label outside the sample": data_digest(Items(relabel=outside)),
@@ -301,9 +321,13 @@ def test_a_streams_digest_reads_its_first_items() -> None:
     from retain.checkpoint import data_digest
 
     base = data_digest(Stream())
-    assert base is not None and base["items"] == 20 and base["stable_leaves"] == [""]
+    assert base is not None and base["items"] == 40 and base["stable_leaves"] == [""]
     assert data_digest(Stream()) == base
-    assert data_digest(Stream(first=-1.0))["sha256"] != base["sha256"]
+    for first in (0, 5, 31):
+        assert data_digest(Stream(edit=first))["sha256"] != base["sha256"], first
+    assert data_digest(Stream(edit=32)) == base, "only the first 32 items of a stream are read"
+    collated = data_digest(Stream(), collate_fn=dict_collate)
+    assert collated is not None and collated["stable_leaves"] == ["x"] and collated["items"] == 40
 
 
 def test_a_tensor_datasets_digest_is_the_hash_of_every_value() -> None:
@@ -384,6 +408,9 @@ def test_private_attributes_of_a_loss_are_left_out_of_its_digest() -> None:
     c = torch.nn.CrossEntropyLoss(reduction="none")
     c.margin = "x"
     assert callable_digest(b) != callable_digest(c), "a public str/None setting is part of the digest"
+    d = torch.nn.CrossEntropyLoss(reduction="none")
+    d._cache_hits = 3
+    assert callable_digest(b) != callable_digest(d), "a public setting that is None is part of the digest"
 
 
 def test_without_addresses_removes_every_address() -> None:

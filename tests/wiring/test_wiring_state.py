@@ -566,3 +566,15 @@ def test_load_model_retries_a_folder_replaced_while_it_read(saved_state: Path, t
     with pytest.raises(OSError, match=r"^read failed$"):
         retain.load_model(tmp_path / "missing")
     assert len(calls) == 2
+
+
+def test_memory_targets_outside_the_models_classes_are_refused(saved_state: Path, tmp_path: Path) -> None:
+    """The model's number of outputs bounds the stored labels (a label 7 for 3 outputs is refused)."""
+    from retain.state import StateError
+
+    def label_seven(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        return {**tensors, "targets": torch.full_like(tensors["targets"], 7)}
+
+    folder = _edited(saved_state, tmp_path, memory_safetensors=label_seven)
+    with pytest.raises(StateError, match=r"memory.safetensors: .*targets must lie in \[0, 2\]"):
+        _updater(folder)
