@@ -488,6 +488,8 @@ def test_a_float64_state_loads_as_float64(tmp_path: Path) -> None:
 
     _updater(output=tmp_path / "v0", precision="64").update(data())
     assert {p.dtype for p in retain.load_model(tmp_path / "v0").parameters()} == {torch.float64}
+    continued = _updater(tmp_path / "v0", precision="64")
+    assert {p.dtype for p in continued.model.parameters()} == {torch.float64}
     fresh = MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,))
     assert {p.dtype for p in retain.load_model(tmp_path / "v0", model=fresh).parameters()} == {torch.float64}
 
@@ -578,3 +580,130 @@ def test_memory_targets_outside_the_models_classes_are_refused(saved_state: Path
     folder = _edited(saved_state, tmp_path, memory_safetensors=label_seven)
     with pytest.raises(StateError, match=r"memory.safetensors: .*targets must lie in \[0, 2\]"):
         _updater(folder)
+
+
+def test_an_updater_asked_for_a_missing_gpu_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    with pytest.raises(RuntimeError, match=r"^accelerator='gpu' was asked for, but no CUDA GPU is available"):
+        DarkExperienceReplayModelUpdater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+                                         memory_size=8, accelerator="gpu", output_state_folder=tmp_path / "v0")  # fmt: skip
+    assert list(tmp_path.iterdir()) == [], "the output lock was left behind"
+
+
+def test_a_refused_input_state_releases_the_output_lock(saved_state: Path, tmp_path: Path) -> None:
+    from retain.state import StateError
+
+    folder = _edited(saved_state, tmp_path / "in", learner_json=lambda j: {**j, "global_step": -1})
+    with pytest.raises(StateError, match=r"global_step must be >= 0"):
+        _updater(folder, output=tmp_path / "v1")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in"]
+    _updater(output=tmp_path / "v1").release_output_lock()  # not locked out by the failed one
+
+
+@pytest.mark.parametrize(("edit", "message"), [
+    (lambda j: {**j, "extra": 1}, r"learner.json: unknown keys \['extra'\], missing keys \[\]"),
+    (lambda j: {k: v for k, v in j.items() if k != "global_step"},
+     r"unknown keys \[\], missing keys \['global_step'\]"),
+    (lambda j: {**j, "global_step": "8"}, r"learner.json: expected an integer at 'global_step', got str '8'"),
+])  # fmt: skip
+def test_a_learner_json_of_another_shape_is_refused(edit: Any, message: str, saved_state: Path,
+                                                    tmp_path: Path) -> None:  # fmt: skip
+    from retain.state import StateError
+
+    with pytest.raises(StateError, match=message):
+        _updater(_edited(saved_state, tmp_path, learner_json=edit))
+
+
+def test_an_updater_given_an_output_folder_later_locks_and_writes_it(tmp_path: Path) -> None:
+    updater = _updater()
+    assert updater.output_lock is None
+    updater.output_state_folder = tmp_path / "v0"
+    model = updater.update(data())
+    assert model is updater.learner.inference_model() and isinstance(model, MultiLayerPerceptron)
+    assert (tmp_path / "v0" / "manifest.json").is_file() and not updater.output_lock.held
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["v0"]
+
+
+def test_a_plain_module_continues_from_its_state_with_validation_data(tmp_path: Path) -> None:
+    """A plain nn.Module declares no number of outputs: its stored labels and validation chunks are
+    not bounded by one (a bound of 1 would refuse labels 1 and 2)."""
+    module = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    assert _updater(output=tmp_path / "v0", model=module).update(data(), data()) is module
+    again = torch.nn.Sequential(torch.nn.Linear(4, 3))
+    assert _updater(tmp_path / "v0", output=tmp_path / "v1", model=again).update(data(), data()) is again
+    assert (tmp_path / "v1" / "manifest.json").is_file()
+
+
+def test_validation_chunks_of_earlier_updates_are_hard_linked_not_rewritten(tmp_path: Path) -> None:
+    """validation_data='all': the same updater's second state links the chunk its first state wrote,
+    and an updater continuing a state links every chunk of it."""
+    from retain.val_history import val_chunk_name
+
+    def inode(folder: str, update: int) -> int:
+        return os.stat(tmp_path / folder / val_chunk_name(update)).st_ino
+
+    updater = _updater(output=tmp_path / "v0")
+    updater.update(data(), data())
+    updater.output_state_folder = tmp_path / "v1"
+    updater.update(data(), data())
+    assert inode("v0", 0) == inode("v1", 0)
+    _updater(tmp_path / "v1", output=tmp_path / "v2").update(data(), data())
+    assert inode("v1", 0) == inode("v2", 0) and inode("v1", 1) == inode("v2", 1)
+    assert (tmp_path / "v2" / val_chunk_name(2)).is_file()
+
+
+def test_secondary_rank_reads_the_process_group(monkeypatch: pytest.MonkeyPatch) -> None:
+    import torch.distributed as dist
+
+    from retain.updaters.base import secondary_rank
+
+    for name in ("RANK", "RETAIN_SPAWNED_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setattr(dist, "is_available", lambda: True)
+    monkeypatch.setattr(dist, "is_initialized", lambda: True)
+    for rank, secondary in ((0, False), (1, True), (2, True)):
+        monkeypatch.setattr(dist, "get_rank", lambda rank=rank: rank)
+        assert secondary_rank() is secondary, rank
+    monkeypatch.setattr(dist, "is_initialized", lambda: False)
+    assert secondary_rank() is False
+
+
+def test_as_many_task_heads_as_weights_is_not_refused_as_too_many(saved_state: Path, tmp_path: Path) -> None:
+    import retain
+    from retain.state import StateError
+
+    def six_heads(manifest: dict[str, Any]) -> dict[str, Any]:
+        return {**manifest, "model": {**manifest["model"], "task_ids": [f"t{i}" for i in range(6)]}}
+
+    with pytest.raises(StateError, match=r"model.safetensors") as raised:
+        retain.load_model(_edited(saved_state, tmp_path, six_heads))
+    assert "too few" not in str(raised.value)
+
+
+def test_non_finite_weights_are_refused(saved_state: Path, tmp_path: Path) -> None:
+    import retain
+    from retain.state import StateError
+
+    def nan_first(tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        name = sorted(tensors)[0]
+        return {**tensors, name: torch.full_like(tensors[name], float("nan"))}
+
+    folder = _edited(saved_state, tmp_path, model_safetensors=nan_first)
+    with pytest.raises(StateError, match=r"model.safetensors: tensor '.*' contains NaN or Inf"):
+        retain.load_model(folder)
+    with pytest.raises(StateError, match=r"model.safetensors: tensor '.*' contains NaN or Inf"):
+        _updater(folder)
+
+
+def test_a_new_task_head_is_drawn_from_the_update_seed_not_the_callers_generator(tmp_path: Path) -> None:
+    """update() seeds the global generator from (seed, updates done) first: a head added by the
+    update does not depend on what the caller drew before."""
+    import retain
+
+    for name, caller_seed in (("a", 1), ("b", 2)):
+        updater = _updater(output=tmp_path / name, seed=3)
+        torch.manual_seed(caller_seed)
+        updater.update(data(), task_id="new")
+    a, b = retain.load_model(tmp_path / "a").state_dict(), retain.load_model(tmp_path / "b").state_dict()
+    assert any(k.startswith("heads.new.") for k in a)
+    assert all(torch.equal(a[k], b[k]) for k in a)
