@@ -585,8 +585,10 @@ def test_memory_targets_outside_the_models_classes_are_refused(saved_state: Path
 def test_an_updater_asked_for_a_missing_gpu_refuses_to_start(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     with pytest.raises(RuntimeError, match=r"^accelerator='gpu' was asked for, but no CUDA GPU is available"):
-        DarkExperienceReplayModelUpdater(MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
-                                         memory_size=8, accelerator="gpu", output_state_folder=tmp_path / "v0")  # fmt: skip
+        DarkExperienceReplayModelUpdater(
+            MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)), memory_size=8, accelerator="gpu",
+            output_state_folder=tmp_path / "v0",
+        )
     assert list(tmp_path.iterdir()) == [], "the output lock was left behind"
 
 
