@@ -544,3 +544,62 @@ def test_evaluate_builds_a_plain_modules_model_from_the_config(tmp_path: Path, c
     with torch.no_grad():
         expected = float((model(x).argmax(1) == y).float().mean())
     assert result == {"state": str(tmp_path / "v0"), "accuracy": pytest.approx(expected), "items": 8}
+
+
+@pytest.mark.parametrize(("command", "description", "flags"), [
+    ("update", "Run one update of your own model and data.", [
+        ("--config CONFIG", "Python config file (see below)"),
+        ("--input-state INPUT_STATE", "state folder of the previous update (omit for the first)"),
+        ("--output-state OUTPUT_STATE", "where to write the new state folder"),
+        ("--method METHOD", "overrides the config's METHOD")]),
+    ("evaluate", "Accuracy of a saved state on your test data.", [
+        ("--state STATE", "a state folder written by an update"),
+        ("--config CONFIG", "Python config file providing test_dataset_fn()"),
+        ("--output OUTPUT", "optional JSON file for the result")]),
+])  # fmt: skip
+def test_update_and_evaluate_help_shows_every_flag_and_the_config_convention(
+    command: str, description: str, flags: list[tuple[str, str]], monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture,
+) -> None:
+    from retain.cli import CONFIG_CONVENTION
+
+    monkeypatch.setenv("COLUMNS", "200")
+    with pytest.raises(SystemExit, match=r"^0$"):
+        main([command, "--help"])
+    out = capsys.readouterr().out
+    assert out.startswith(f"usage: retain {command} [-h] ")
+    assert f"\n\n{description}\n\n" in out
+    assert out.endswith(CONFIG_CONVENTION), "the config convention is printed verbatim after the flags"
+    assert CONFIG_CONVENTION.startswith("A config file is Python that defines:\n  model_fn()")
+    for flag, help_text in flags:
+        assert f"  {flag}" in out and f"{help_text}\n" in out, flag
+
+
+@pytest.mark.parametrize(("argv", "missing"), [
+    (["update", "--output-state", "o"], "--config"),
+    (["update", "--config", "c.py"], "--output-state"),
+    (["evaluate", "--config", "c.py"], "--state"),
+    (["evaluate", "--state", "s"], "--config"),
+    (["tune", "--method", "er"], "--search-space"),
+])  # fmt: skip
+def test_required_flags_are_required(argv: list[str], missing: str, capsys: pytest.CaptureFixture) -> None:
+    from retain.cli import parse_command
+
+    with pytest.raises(SystemExit, match=r"^2$"):
+        parse_command(argv)
+    err = capsys.readouterr().err
+    assert err.startswith(f"usage: retain {argv[0]} ") and f"the following arguments are required: {missing}" in err
+
+
+def test_tune_is_handed_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
+    import retain.tune as tune
+
+    seen: list[list[str]] = []
+
+    def tune_command(argv: list[str]) -> int:
+        seen.append(list(argv))
+        return 7
+
+    monkeypatch.setattr(tune, "tune_command", tune_command)
+    assert main(["tune", "--method", "er", "--trials", "2"]) == 7
+    assert seen == [["--method", "er", "--trials", "2"]]
