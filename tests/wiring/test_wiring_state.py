@@ -709,3 +709,18 @@ def test_a_new_task_head_is_drawn_from_the_update_seed_not_the_callers_generator
     a, b = retain.load_model(tmp_path / "a").state_dict(), retain.load_model(tmp_path / "b").state_dict()
     assert any(k.startswith("heads.new.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_a_corrupt_validation_chunk_is_refused_when_the_state_is_loaded(tmp_path: Path) -> None:
+    """Only an updater that joins a background verification may defer it; the others hash the
+    mapped files (validation chunks) at load, so a flipped bit is refused before training."""
+    from retain.state import StateError
+    from retain.val_history import val_chunk_name
+
+    _updater(output=tmp_path / "v0").update(data(), data())
+    path = tmp_path / "v0" / val_chunk_name(0)
+    corrupt = bytearray(path.read_bytes())
+    corrupt[-3] ^= 0x01
+    path.write_bytes(bytes(corrupt))
+    with pytest.raises(StateError, match=rf"{val_chunk_name(0)}.*checksum"):
+        _updater(tmp_path / "v0")
