@@ -724,3 +724,29 @@ def test_a_corrupt_validation_chunk_is_refused_when_the_state_is_loaded(tmp_path
     path.write_bytes(bytes(corrupt))
     with pytest.raises(StateError, match=rf"{val_chunk_name(0)}.*checksum"):
         _updater(tmp_path / "v0")
+
+
+def test_a_memory_without_the_columns_the_method_replays_is_refused(saved_state: Path, tmp_path: Path) -> None:
+    """DER replays stored logits: a memory saved without them is refused at load, not mid-update."""
+    from retain.state import StateError
+
+    folder = _edited(
+        saved_state, tmp_path, memory_json=lambda m: {**m, "metadata_names": []},
+        memory_safetensors=lambda t: {k: v for k, v in t.items() if k != "metadata.logits"},
+    )  # fmt: skip
+    with pytest.raises(StateError, match=r"memory\..*logits"):
+        _updater(folder)
+
+
+def test_a_failed_resume_load_leaves_the_updater_loading_plain_states(tmp_path: Path) -> None:
+    """load_resume_state expects the chunks the update holds; after it fails, load_state of the same
+    state works (the resume mode does not stick)."""
+    from retain.state import StateError, StateFolder
+    from retain.val_history import val_chunk_name
+
+    _updater(output=tmp_path / "v0").update(data(), data())
+    updater = _updater()
+    with pytest.raises(StateError, match=r"learner.json: val_chunks .* differ from the update's"):
+        updater.load_resume_state(StateFolder(tmp_path / "v0"))
+    updater.load_state(StateFolder(tmp_path / "v0"))
+    assert updater.learner.updates_done == 1 and updater.learner.val_history.names == [val_chunk_name(0)]
