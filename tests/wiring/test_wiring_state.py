@@ -709,6 +709,11 @@ def test_a_new_task_head_is_drawn_from_the_update_seed_not_the_callers_generator
     a, b = retain.load_model(tmp_path / "a").state_dict(), retain.load_model(tmp_path / "b").state_dict()
     assert any(k.startswith("heads.new.") for k in a)
     assert all(torch.equal(a[k], b[k]) for k in a)
+    from retain.options import update_seed
+
+    assert torch.initial_seed() == update_seed(3, 0), "the global generator was not seeded for update 0 of seed 3"
+    updater.update(data(), task_id="new")
+    assert torch.initial_seed() == update_seed(3, 1)
 
 
 def test_a_corrupt_validation_chunk_is_refused_when_the_state_is_loaded(tmp_path: Path) -> None:
