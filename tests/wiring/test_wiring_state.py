@@ -755,3 +755,31 @@ def test_a_failed_resume_load_leaves_the_updater_loading_plain_states(tmp_path: 
         updater.load_resume_state(StateFolder(tmp_path / "v0"))
     updater.load_state(StateFolder(tmp_path / "v0"))
     assert updater.learner.updates_done == 1 and updater.learner.val_history.names == [val_chunk_name(0)]
+
+
+def test_joint_defers_hashing_its_stored_chunks_to_the_update(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """JointModelUpdater asks for the background verification of its chunks: built on a state with a
+    corrupt chunk it starts (no hashing at load), and its update refuses the chunk before writing;
+    with the background verification switched off the load itself refuses it."""
+    from retain.methods import JointModelUpdater
+    from retain.state import StateError
+
+    def joint(input_state: Path | None = None, output: Path | None = None) -> JointModelUpdater:
+        return JointModelUpdater(
+            MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,)),
+            optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=4, max_epochs=1, accelerator="cpu",
+            input_state_folder=input_state, output_state_folder=output,
+        )  # fmt: skip
+
+    joint(output=tmp_path / "v0").update(data())
+    path = tmp_path / "v0" / "chunk_000000.safetensors"
+    corrupt = bytearray(path.read_bytes())
+    corrupt[-3] ^= 0x01
+    path.write_bytes(bytes(corrupt))
+    started = joint(tmp_path / "v0", tmp_path / "v1")
+    with pytest.raises(StateError, match=r"chunk_000000.safetensors: checksum mismatch"):
+        started.update(data())
+    assert not (tmp_path / "v1").exists()
+    monkeypatch.setattr(JointModelUpdater, "verify_chunks_in_background", False)
+    with pytest.raises(StateError, match=r"chunk_000000.safetensors: checksum mismatch"):
+        joint(tmp_path / "v0")
