@@ -603,3 +603,20 @@ def test_tune_is_handed_its_arguments(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(tune, "tune_command", tune_command)
     assert main(["tune", "--method", "er", "--trials", "2"]) == 7
     assert seen == [["--method", "er", "--trials", "2"]]
+
+
+@pytest.mark.parametrize("failing", ["train_dataset_fn", "val_dataset_fn", "loss_fn", "test_dataset_fn"])
+def test_an_error_in_each_config_function_names_it(failing: str, tmp_path: Path, fake: type[FakeUpdater],
+                                                   capsys: pytest.CaptureFixture) -> None:  # fmt: skip
+    functions = ["model_fn", "train_dataset_fn", "val_dataset_fn", "loss_fn", "test_dataset_fn"]
+    body = "METHOD = 'er'\n" + "".join(
+        f"def {name}():\n    return {'1 / 0' if name == failing else repr(name)}\n" for name in functions
+    )
+    config = _cfg(tmp_path, body)
+    line = 3 + 2 * functions.index(failing)
+    if failing == "test_dataset_fn":
+        argv = ["evaluate", "--config", str(config), "--state", "s"]
+    else:
+        argv = ["update", "--config", str(config), "--output-state", "out"]
+    assert _one_error(argv, capsys) == (
+        f"retain {argv[0]}: error: {config}:{line} in {failing}(): ZeroDivisionError: division by zero")
