@@ -271,7 +271,6 @@ def test_update_defaults_without_the_optional_functions(tmp_path: Path, fake: ty
     config = _cfg(tmp_path, MINIMAL + textwrap.dedent("""
         METHOD = "finetune"
         UPDATER_OPTIONS = {"progress_bar": False}
-        SEEN = {}
 
 
         def val_dataset_fn():
