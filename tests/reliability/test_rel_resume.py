@@ -453,3 +453,36 @@ def test_flattening_keeps_what_json_cannot_hold() -> None:
 def test_a_malformed_flattened_value_is_refused_naming_where(data: Any, tensors: Any, message: str) -> None:
     with pytest.raises(StateError, match=f"^optimizer.json: {message}"):
         unflatten_tree(data, tensors, "optimizer.json")
+
+
+def test_cuda_generator_states_are_saved_per_device_and_restored_on_the_same_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With CUDA in use every device's generator is saved; a restore needs the same number of
+    devices, and a checkpoint saved without CUDA restores on a CUDA machine without touching it
+    (torch.cuda is stubbed: this runs on CPU)."""
+    from retain.checkpoint import global_rng_state, set_global_rng_state
+
+    restored: list[list[torch.Tensor]] = []
+    states = [torch.full((4,), 1, dtype=torch.uint8), torch.full((4,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    meta, tensors = global_rng_state()
+    assert meta["cuda_devices"] == 0 and not any(k.startswith("torch_cuda") for k in tensors), "CUDA not available"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_global_rng_state(meta, tensors, "here")
+    assert restored == [], "a checkpoint without CUDA states touched CUDA"
+    cuda_meta, cuda_tensors = global_rng_state()
+    assert cuda_meta["cuda_devices"] == 2
+    assert [cuda_tensors[f"torch_cuda_{i}"].tolist() for i in (0, 1)] == [[1] * 4, [2] * 4]
+    set_global_rng_state(cuda_meta, cuda_tensors, "here")
+    assert [[t.tolist() for t in call] for call in restored] == [[[1] * 4, [2] * 4]]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(StateError, match=r"^here: invalid random generator state: ValueError\('saved on 2 CUDA "
+                                         r"devices, 1 now'\)"):  # fmt: skip
+        set_global_rng_state(cuda_meta, cuda_tensors, "here")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert global_rng_state()[0]["cuda_devices"] == 0, "CUDA not started: no device state to save"
