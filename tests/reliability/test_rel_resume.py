@@ -2,7 +2,9 @@
 from its last checkpointed epoch and ends with exactly the bytes of an uninterrupted run (CPU,
 fixed seed). A fresh start would give the same bytes too, so every test also checks that the
 update really resumed (start epoch, steps trained), and one test shows that leaving out a piece
-of the checkpoint (the optimizer state) changes the result."""
+of the checkpoint (the optimizer state) changes the result. The later tests pin when checkpoints
+are written, how a checkpoint edited by hand is ignored or refused, the random generator states
+and the pickle-free flattening of optimizer states."""
 
 from __future__ import annotations
 

@@ -4,6 +4,10 @@ The config's options, optimizer, loss, task id and METHOD must reach the update 
 the state folder it writes); `retain evaluate` must score the saved model on the config's test
 data through the config's ``TEST_TRANSFORM``; user errors end with exit status 2 and one line
 naming the problem.
+
+The in-process tests call ``retain.cli.main`` with a fake updater (what the config hands it,
+the defaults, every one-line error, the process-group exits), stubbed benchmark/tune/evaluation
+entry points, and one real in-process update for ``retain evaluate``.
 """
 
 from __future__ import annotations

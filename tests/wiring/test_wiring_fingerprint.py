@@ -5,6 +5,8 @@ before the update starts); every input is changed in turn (optimizer, loss, each
 method options, training and validation data, task id, the input state) and must change the
 fingerprint, while a rebuilt identical updater must give the same one. The last test checks the
 behaviour the fingerprint exists for: a checkpoint left by another update is not resumed.
+The digests it is made of (``data_digest`` of tensor, map-style and streamed datasets,
+``callable_digest``, ``without_addresses``) are checked against their documented rules.
 """
 
 from __future__ import annotations

@@ -5,6 +5,12 @@ on ``os.rename`` records the renames in the same sequence, so the order is check
 of the folder is synced while it is still in the temporary folder, the temporary folder itself is
 synced before it is renamed into place, and the parent folder after the rename (the rename
 itself is then durable).
+
+The second part tests the updater around the state (``retain.updaters.base``): the device it
+picks, which rank takes the output lock and when it is released, the hand-off to the distributed
+runner, the refusal of hand-edited learner and memory files (each naming the file), copies in the
+state payload, hard-linked validation chunks, and ``load_model``'s paths (recorded model, model
+given, plain module, float64, retries on a folder replaced while read).
 """
 
 from __future__ import annotations
