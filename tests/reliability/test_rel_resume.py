@@ -2,7 +2,9 @@
 from its last checkpointed epoch and ends with exactly the bytes of an uninterrupted run (CPU,
 fixed seed). A fresh start would give the same bytes too, so every test also checks that the
 update really resumed (start epoch, steps trained), and one test shows that leaving out a piece
-of the checkpoint (the optimizer state) changes the result."""
+of the checkpoint (the optimizer state) changes the result. The later tests pin when checkpoints
+are written, how a checkpoint edited by hand is ignored or refused, the random generator states
+and the pickle-free flattening of optimizer states."""
 
 from __future__ import annotations
 
@@ -230,3 +232,259 @@ def test_dict_keys_of_a_checkpoint_are_scalars_none_included() -> None:
     for key in ([1, 2], {"__tuple__": [1]}):
         with pytest.raises(StateError, match=r"^checkpoint: invalid dict key"):
             unflatten_tree({"__dict__": [[key, 1]]}, {})
+
+
+# ------------------------------------------------------------------ when checkpoints are written
+def _record_checkpoints(monkeypatch: pytest.MonkeyPatch) -> list[dict[str, Any]]:
+    """The resume.json of every checkpoint written (the checkpointer's write_state spied on)."""
+    import retain.checkpoint as checkpoint
+
+    written: list[dict[str, Any]] = []
+    real = checkpoint.write_state
+
+    def spy(folder: Any, manifest: Any, json_files: dict[str, Any], tensor_files: Any) -> Any:
+        written.append(json_files["resume.json"])
+        return real(folder, manifest, json_files, tensor_files)
+
+    monkeypatch.setattr(checkpoint, "write_state", spy)
+    return written
+
+
+@pytest.mark.parametrize(("epochs", "every", "expected"), [(5, 2, [2, 4]), (3, 1, [1, 2]), (4, 4, []), (7, 3, [3, 6])])
+def test_checkpoints_are_written_every_n_epochs_but_not_after_the_last(
+    epochs: int, every: int, expected: list[int], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    written = _record_checkpoints(monkeypatch)
+    updater = _update({"method": "ft", "items": 32, "output": str(tmp_path / "out"), "epochs": epochs,
+                       "checkpoint_every": every})  # fmt: skip
+    assert [w["epochs_done"] for w in written] == expected
+    for w in written:  # each holds the fingerprint and the history of the epochs done
+        assert w["format_version"] == 1 and len(w["history"]) == w["epochs_done"]
+        assert w["fingerprint"] == written[0]["fingerprint"] and len(w["fingerprint"]) == 64
+    history = [{k: v for k, v in e.items()} for e in updater.last_fit.history]
+    assert [unflatten_tree(w["history"], {}) for w in written] == [history[: w["epochs_done"]] for w in written]
+    assert siblings(tmp_path / "out") == ["out"]
+
+
+def test_no_checkpoint_is_written_after_the_epoch_that_stops_early(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    options = {"metric": "val_accuracy", "mode": "max", "early_stopping_enabled": True, "patience": 1}
+    written = _record_checkpoints(monkeypatch)
+    updater = _update(_job(tmp_path, "der", "out", epochs=12, checkpoint_every=1, options=options, input=None),
+                      val=True)  # fmt: skip
+    stop = updater.last_fit.epochs
+    assert updater.last_fit.stopped_early and stop < 12
+    assert [w["epochs_done"] for w in written] == list(range(1, stop))
+
+
+# ------------------------------------------------------------------ a checkpoint edited by hand
+def _checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[str, Any], Path]:
+    """A fine-tuning update of 3 epochs killed after its first checkpoint (epoch 1): (job, checkpoint)."""
+    job = {"method": "ft", "items": 32, "output": str(tmp_path / "out"), "epochs": 3, "checkpoint_every": 1}
+    with monkeypatch.context() as m:
+        _crash_after_epoch(m, 0)
+        with pytest.raises(_CrashError, match="crashed after epoch 0"):
+            _update(job)
+    return job, resume_folder(tmp_path / "out")
+
+
+def _rewrite(folder: Path, **edits: Any) -> None:
+    """Rewrites the checkpoint with JSON files replaced (valid checksums: a hand edit, not corruption)."""
+    from retain.state import StateFolder, write_state
+
+    state = StateFolder(folder)
+    manifest = {k: v for k, v in state.manifest.items() if k not in ("format", "format_version", "files")}
+    names = list(state.manifest["files"])
+    json_files = {n: state.json(n) for n in names if n.endswith(".json")}
+    tensor_files = {n: state.tensors(n) for n in names if n.endswith(".safetensors")}
+    for name, edit in edits.items():
+        json_files[name.replace("_", ".")] = edit(json_files[name.replace("_", ".")])
+    write_state(folder, manifest, json_files, tensor_files)
+
+
+def test_an_unedited_checkpoint_resumes_and_says_so(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """A rewritten (still valid) checkpoint resumes, with a log line; a temporary left by a killed
+    writer or remover of the checkpoint is deleted first."""
+    import logging
+
+    job, folder = _checkpoint(tmp_path, monkeypatch)
+    _rewrite(folder)
+    stale = tmp_path / f".{folder.name}.tmp-12345-0123abcd"
+    stale.mkdir()
+    (stale / "x").write_text("left by a killed writer")
+    with caplog.at_level(logging.INFO, logger="retain"):
+        assert _update(job).resumed_from_epoch == 1
+    assert f"resuming the update from its checkpoint after epoch 1 ({folder})" in caplog.text
+    assert not stale.exists() and siblings(tmp_path / "out") == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("resume", "message"),
+    [
+        (lambda r: {**r, "extra": 1}, "unreadable resume checkpoint.*keys must be format_version"),
+        (lambda r: [r], "unreadable resume checkpoint.*keys must be format_version"),
+        (lambda r: {k: v for k, v in r.items() if k != "history"}, "unreadable resume checkpoint"),
+        (lambda r: {**r, "format_version": 2}, "belongs to a different update"),
+        (lambda r: {**r, "fingerprint": "0" * 64}, "belongs to a different update"),
+    ],
+)
+def test_a_checkpoint_of_another_format_or_update_is_ignored_with_a_warning(
+    resume: Any, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, folder = _checkpoint(tmp_path, monkeypatch)
+    _rewrite(folder, resume_json=resume)
+    restore = ResumeCheckpointer.restore
+    left: list[bool] = []
+
+    def restore_then_look(self: ResumeCheckpointer) -> dict[str, Any]:
+        kwargs = restore(self)
+        left.append(self.folder.exists())
+        return kwargs
+
+    monkeypatch.setattr(ResumeCheckpointer, "restore", restore_then_look)
+    with pytest.warns(UserWarning, match=message):
+        updater = _update(job)
+    assert left == [False], "the ignored checkpoint was not removed before training"
+    assert updater.resumed_from_epoch == 0 and updater.last_fit.epochs == 3
+    assert siblings(tmp_path / "out") == ["out"]
+
+
+@pytest.mark.parametrize(
+    ("edits", "message"),
+    [
+        ({"resume_json": lambda r: {**r, "epochs_done": 0}}, "epochs_done must be a positive integer, got 0"),
+        ({"resume_json": lambda r: {**r, "epochs_done": True}}, "epochs_done must be a positive integer, got True"),
+        ({"resume_json": lambda r: {**r, "epochs_done": "1"}}, "epochs_done must be a positive integer, got '1'"),
+        ({"resume_json": lambda r: {**r, "history": []}}, "history must list the 1 epochs done"),
+        ({"resume_json": lambda r: {**r, "history": {"__tuple__": [{"__dict__": []}]}}},
+         "history must list the 1 epochs done"),
+        ({"resume_json": lambda r: {**r, "history": [{"__dict__": []}] * 2}}, "history must list the 1 epochs done"),
+        ({"optimizer_json": lambda o: {"__dict__": [x for x in o["__dict__"] if x[0] != "scheduler"]}},
+         "optimizer.json: must hold the optimizer and scheduler states"),
+        ({"optimizer_json": lambda o: [o]}, "optimizer.json: must hold the optimizer and scheduler states"),
+        ({"rng_json": lambda r: [r]}, r"rng.json: must be a JSON object"),
+        ({"rng_json": lambda r: {k: v for k, v in r.items() if k != "numpy"}},
+         r"rng.json: invalid random generator state: KeyError\('numpy'\)"),
+    ],
+)  # fmt: skip
+def test_a_matching_checkpoint_edited_by_hand_is_refused_naming_the_file(
+    edits: dict[str, Any], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    job, folder = _checkpoint(tmp_path, monkeypatch)
+    _rewrite(folder, **edits)
+    with pytest.raises(StateError, match=message) as raised:
+        _update(job)
+    if "resume_json" not in edits:
+        assert str(raised.value).endswith(f"(delete the resume checkpoint {folder} to start the update over)")
+    assert folder.is_dir() and not (tmp_path / "out").exists()
+
+
+def test_the_global_random_generators_round_trip() -> None:
+    """torch, NumPy (its cached Gaussian too) and ``random`` continue with the same draws after a restore."""
+    import random
+
+    import numpy as np
+
+    from retain.checkpoint import global_rng_state, set_global_rng_state
+
+    torch.manual_seed(1)
+    np.random.seed(2)
+    random.seed(3)
+    np.random.standard_normal()  # one of a pair: the second is cached (has_gauss=1)
+    random.gauss(0.0, 1.0)  # likewise gauss_next
+    meta, tensors = global_rng_state()
+    assert tensors["numpy_keys"].dtype == torch.int64  # safetensors-friendly, read back as uint32
+    assert meta["numpy"]["has_gauss"] == 1 and meta["python"]["gauss_next"] is not None
+    assert meta["cuda_devices"] == (torch.cuda.device_count() if torch.cuda.is_initialized() else 0)
+
+    def draws() -> tuple[Any, ...]:
+        return (torch.rand(3).tolist(), np.random.standard_normal(), np.random.rand(2).tolist(),
+                random.gauss(0.0, 1.0), random.random())  # fmt: skip
+
+    first = draws()
+    set_global_rng_state(meta, tensors, "here")
+    assert draws() == first
+    with pytest.raises(StateError, match=r"^here: invalid random generator state: KeyError\('numpy_keys'\)"):
+        set_global_rng_state(meta, {"torch_cpu": tensors["torch_cpu"]}, "here")
+
+
+def test_flattening_keeps_what_json_cannot_hold() -> None:
+    """Non-finite floats, tuples, int keys survive; tensors are copied (a later in-place step does not
+    change the checkpoint) and referenced by name; values and keys without a JSON form are refused."""
+    import math
+
+    t = torch.arange(3.0)
+    data, tensors = flatten_tree({"a": (math.inf, -math.inf, math.nan, 1.5), 1: [t, True, None, 7]})
+    t += 10
+    assert data == {"__dict__": [
+        ["a", {"__tuple__": [{"__float__": "inf"}, {"__float__": "-inf"}, {"__float__": "nan"}, 1.5]}],
+        [1, [{"__tensor__": "t0"}, True, None, 7]],
+    ]}  # fmt: skip
+    assert list(tensors) == ["t0"] and tensors["t0"].tolist() == [0.0, 1.0, 2.0]
+    back = unflatten_tree(data, tensors)
+    inf, minus_inf, nan, x = back["a"]
+    assert (inf, minus_inf, x) == (math.inf, -math.inf, 1.5) and math.isnan(nan)
+    assert back[1][1:] == [True, None, 7] and back[1][0] is tensors["t0"]
+    assert flatten_tree([torch.zeros(2, 2).t(), torch.ones(1)])[1]["t1"].tolist() == [1.0]
+    assert flatten_tree([torch.zeros(4, 2).t()])[1]["t0"].is_contiguous()
+    with pytest.raises(TypeError, match="cannot store a dict key of type tuple without pickle"):
+        flatten_tree({(1, 2): 3})
+    with pytest.raises(TypeError, match="cannot store a value of type set in a checkpoint without pickle"):
+        flatten_tree([{1}])
+
+
+@pytest.mark.parametrize(
+    ("data", "tensors", "message"),
+    [
+        ({"a": 1}, {}, "unexpected JSON object"),
+        ({"__tuple__": [], "__dict__": []}, {}, "unexpected JSON object"),
+        ({"__tensor__": "t9"}, {}, "reference to a missing tensor 't9'"),
+        ({"__tensor__": 3}, {}, "reference to a missing tensor 3"),
+        ([{"__tensor__": "t0"}, {"__tensor__": "t0"}], {"t0": torch.zeros(1)}, "tensor 't0' is referenced twice"),
+        ({"__float__": "1e400"}, {}, "invalid float '1e400'"),
+        ({"__tuple__": "ab"}, {}, "__tuple__ must hold a list"),
+        ({"__dict__": [[1, 2, 3]]}, {}, "a dict entry must be a \\[key, value\\] pair"),
+        ({"__dict__": ["ab"]}, {}, "a dict entry must be a \\[key, value\\] pair"),
+        ({"__dict__": [[1, 2], [1, 3]]}, {}, "duplicate dict key 1"),
+        ([], {"t0": torch.zeros(1)}, r"unreferenced tensors \['t0'\]"),
+    ],
+)
+def test_a_malformed_flattened_value_is_refused_naming_where(data: Any, tensors: Any, message: str) -> None:
+    with pytest.raises(StateError, match=f"^optimizer.json: {message}"):
+        unflatten_tree(data, tensors, "optimizer.json")
+
+
+def test_cuda_generator_states_are_saved_per_device_and_restored_on_the_same_count(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """With CUDA in use every device's generator is saved; a restore needs the same number of
+    devices, and a checkpoint saved without CUDA restores on a CUDA machine without touching it
+    (torch.cuda is stubbed: this runs on CPU)."""
+    from retain.checkpoint import global_rng_state, set_global_rng_state
+
+    restored: list[list[torch.Tensor]] = []
+    states = [torch.full((4,), 1, dtype=torch.uint8), torch.full((4,), 2, dtype=torch.uint8)]
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 2)
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: states)
+    monkeypatch.setattr(torch.cuda, "set_rng_state_all", restored.append)
+    meta, tensors = global_rng_state()
+    assert meta["cuda_devices"] == 0 and not any(k.startswith("torch_cuda") for k in tensors), "CUDA not available"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    set_global_rng_state(meta, tensors, "here")
+    assert restored == [], "a checkpoint without CUDA states touched CUDA"
+    cuda_meta, cuda_tensors = global_rng_state()
+    assert cuda_meta["cuda_devices"] == 2
+    assert [cuda_tensors[f"torch_cuda_{i}"].tolist() for i in (0, 1)] == [[1] * 4, [2] * 4]
+    set_global_rng_state(cuda_meta, cuda_tensors, "here")
+    assert [[t.tolist() for t in call] for call in restored] == [[[1] * 4, [2] * 4]]
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    with pytest.raises(StateError, match=r"^here: invalid random generator state: ValueError\('saved on 2 CUDA "
+                                         r"devices, 1 now'\)"):  # fmt: skip
+        set_global_rng_state(cuda_meta, cuda_tensors, "here")
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: False)
+    assert global_rng_state()[0]["cuda_devices"] == 0, "CUDA not started: no device state to save"

@@ -5,6 +5,8 @@ before the update starts); every input is changed in turn (optimizer, loss, each
 method options, training and validation data, task id, the input state) and must change the
 fingerprint, while a rebuilt identical updater must give the same one. The last test checks the
 behaviour the fingerprint exists for: a checkpoint left by another update is not resumed.
+The digests it is made of (``data_digest`` of tensor, map-style and streamed datasets,
+``callable_digest``, ``without_addresses``) are checked against their documented rules.
 """
 
 from __future__ import annotations
@@ -93,10 +95,21 @@ CHANGES: dict[str, dict[str, Any]] = {
 }
 
 
+class MetricsLogger:
+    """A logger (callable, so it would count as a callable option if it were not neutral)."""
+
+    def log_metrics(self, metrics: dict[str, float], step: int) -> None:
+        pass
+
+    def __call__(self) -> None:
+        pass
+
+
 def test_the_same_update_has_the_same_fingerprint(tmp_path: Path, states: tuple[Path, Path]) -> None:
     assert fingerprint(build(tmp_path)) == fingerprint(build(tmp_path))
     assert fingerprint(build(tmp_path, states[0])) == fingerprint(build(tmp_path, states[0]))
-    neutral = build(tmp_path, checkpoint_every_n_epochs=1, progress_bar=True, log_every_n_steps=7)
+    neutral = build(tmp_path, checkpoint_every_n_epochs=1, progress_bar=True, log_every_n_steps=7,
+                    logger=MetricsLogger())  # fmt: skip
     assert fingerprint(neutral) == fingerprint(build(tmp_path)), "options that change no result changed it"
 
 
@@ -220,3 +233,191 @@ def test_a_partials_function_is_seen_through_the_partial(tmp_path: Path) -> None
     a, b = functools.partial(make_a, lr=0.1), functools.partial(make_b, lr=0.1)
     assert repr(a).split(" at ")[0] == repr(b).split(" at ")[0]
     assert fingerprint(build(tmp_path, optimizer=a)) != fingerprint(build(tmp_path, optimizer=b))
+
+
+# ------------------------------------------------------------------ the digests the fingerprint is made of
+class Items(torch.utils.data.Dataset):
+    """A map-style dataset (not tensor-backed): ``noise`` adds a fresh random value to leaf ``b`` per read."""
+
+    def __init__(self, n: int = 40, noise: bool = False, dict_inputs: bool = False, edit: int | None = None,
+                 relabel: int | None = None) -> None:  # fmt: skip
+        g = torch.Generator().manual_seed(0)
+        self.x = torch.randn(n, 3, generator=g)
+        self.y = torch.arange(n) % 3
+        if edit is not None:
+            self.x[edit, 0] += 1.0
+        if relabel is not None:
+            self.y[relabel] = (self.y[relabel] + 1) % 3
+        self.noise, self.dict_inputs = noise, dict_inputs
+
+    def __len__(self) -> int:
+        return len(self.y)
+
+    def __getitem__(self, i: int) -> tuple[Any, torch.Tensor]:
+        b = self.x[i] + (torch.rand(3) if self.noise else 0.0)
+        return ({"a": self.x[i], "b": b} if self.dict_inputs else b), self.y[i]
+
+
+class OtherItems(Items):
+    pass
+
+
+class Stream(torch.utils.data.IterableDataset):
+    """40 items; ``edit``: the item whose first input value is changed."""
+
+    def __init__(self, edit: int | None = None) -> None:
+        self.x = torch.arange(120.0).reshape(40, 3)
+        if edit is not None:
+            self.x[edit, 0] = -1.0
+
+    def __iter__(self) -> Any:
+        return iter([(self.x[i], torch.tensor(i % 2)) for i in range(40)])
+
+
+def dict_collate(items: list[Any]) -> Any:
+    return {"x": torch.stack([x for x, _ in items])}, torch.stack([y for _, y in items])
+
+
+def sampled(n: int) -> list[int]:
+    """The items data_digest reads inputs of: its documented seeded subset (generator seed 0)."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(0))[:32].sort().values.tolist()
+
+
+def test_a_datasets_digest_sees_its_labels_class_size_and_sampled_inputs() -> None:
+    from retain.checkpoint import data_digest
+
+    assert data_digest(None) is None
+    base = data_digest(Items())
+    assert base is not None and base["items"] == 40 and base["stable_leaves"] == [""]
+    assert data_digest(Items()) == base
+    inside, outside = sampled(40)[0], next(i for i in range(40) if i not in sampled(40))
+    for unread in (i for i in range(40) if i not in sampled(40)):
+        assert data_digest(Items(edit=unread)) == base, f"item {unread}, outside the sampled subset, was read"
+    assert all(data_digest(Items(edit=i)) != base for i in sampled(40)), "an item of the sampled subset was not read"
+    changed = {
+        "sampled input": data_digest(Items(edit=inside)),
+        "label outside the sample": data_digest(Items(relabel=outside)),
+        "class": data_digest(OtherItems()),
+        "size": data_digest(Items(n=41)),
+    }
+    assert base not in changed.values() and len({d["sha256"] for d in changed.values()}) == 4, changed
+    assert changed["size"]["items"] == 41
+
+
+def test_randomly_augmented_leaves_are_left_out_of_the_digest() -> None:
+    """A leaf that reads back differently (augmentation) is not hashed, so the same dataset gets
+    the same digest; a stable leaf beside it still is."""
+    from retain.checkpoint import data_digest
+
+    noisy = data_digest(Items(noise=True))
+    assert noisy is not None and noisy["stable_leaves"] == []
+    assert data_digest(Items(noise=True)) == noisy
+    mixed = data_digest(Items(noise=True, dict_inputs=True))
+    assert mixed is not None and mixed["stable_leaves"] == ["a"]
+    assert data_digest(Items(noise=True, dict_inputs=True)) == mixed
+    inside = sampled(40)[0]
+    assert data_digest(Items(noise=True, dict_inputs=True, edit=inside))["sha256"] != mixed["sha256"]
+
+
+def test_a_streams_digest_reads_its_first_items() -> None:
+    from retain.checkpoint import data_digest
+
+    base = data_digest(Stream())
+    assert base is not None and base["items"] == 40 and base["stable_leaves"] == [""]
+    assert data_digest(Stream()) == base
+    for first in (0, 5, 31):
+        assert data_digest(Stream(edit=first))["sha256"] != base["sha256"], first
+    assert data_digest(Stream(edit=32)) == base, "only the first 32 items of a stream are read"
+    collated = data_digest(Stream(), collate_fn=dict_collate)
+    assert collated is not None and collated["stable_leaves"] == ["x"] and collated["items"] == 40
+
+
+def test_a_tensor_datasets_digest_is_the_hash_of_every_value() -> None:
+    """Tensor-backed: inputs and targets hashed whole, no sample, no stable_leaves."""
+    import hashlib
+
+    from retain.checkpoint import data_digest
+
+    x, y = torch.arange(6.0).reshape(3, 2), torch.tensor([0, 1, 0])
+    h = hashlib.sha256()
+    for name, t in (("inputs", x), ("targets", y)):
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}|".encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    assert data_digest(TensorDataset(x, y)) == {"items": 3, "sha256": h.hexdigest()}
+
+
+def _double(x: torch.Tensor) -> torch.Tensor:
+    return x * 2
+
+
+def _add_two(x: torch.Tensor) -> torch.Tensor:
+    return x + 2
+
+
+def _relu(x: torch.Tensor) -> torch.Tensor:
+    return torch.relu(x)
+
+
+def _tanh(x: torch.Tensor) -> torch.Tensor:
+    return torch.tanh(x)
+
+
+def _scaled(x: torch.Tensor, k: float = 2.0) -> torch.Tensor:
+    return x * k
+
+
+def _scaled_more(x: torch.Tensor, k: float = 3.0) -> torch.Tensor:
+    return x * k
+
+
+def _renamed(fn: Any, like: Any) -> Any:
+    fn.__name__, fn.__qualname__ = like.__name__, like.__qualname__
+    return fn
+
+
+def test_a_callables_digest_sees_its_code_names_and_defaults_but_not_its_address() -> None:
+    """Each pair has the same repr (renamed) and differs only in bytecode, a global name it calls,
+    or a default; two functions made by the same code at two addresses digest the same."""
+    import copy
+    import types
+
+    from retain.checkpoint import callable_digest
+
+    def clone(fn: Any) -> Any:
+        return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__)
+
+    for a, b in ((_double, _add_two), (_relu, _tanh), (_scaled, _scaled_more)):
+        b = _renamed(clone(b), a)
+        assert repr(a).split(" at ")[0] == repr(b).split(" at ")[0]
+        assert callable_digest(a) != callable_digest(b), (a, b)
+    twin = clone(_double)
+    assert twin is not _double and repr(twin) != repr(_double)  # other address
+    assert callable_digest(twin) == callable_digest(_double)
+    loss = torch.nn.CrossEntropyLoss(reduction="none")
+    assert callable_digest(copy.deepcopy(loss)) == callable_digest(loss)
+    renamed = _renamed(clone(_add_two), _double)
+    assert callable_digest(functools.partial(_double)) != callable_digest(functools.partial(renamed))
+
+
+def test_private_attributes_of_a_loss_are_left_out_of_its_digest() -> None:
+    """Only public scalar settings count: a private cache on the module must not change the digest."""
+    from retain.checkpoint import callable_digest
+
+    a, b = torch.nn.CrossEntropyLoss(reduction="none"), torch.nn.CrossEntropyLoss(reduction="none")
+    b._cache_hits = 3
+    assert callable_digest(a) == callable_digest(b)
+    b.margin = None
+    c = torch.nn.CrossEntropyLoss(reduction="none")
+    c.margin = "x"
+    assert callable_digest(b) != callable_digest(c), "a public str/None setting is part of the digest"
+    d = torch.nn.CrossEntropyLoss(reduction="none")
+    d._cache_hits = 3
+    assert callable_digest(b) != callable_digest(d), "a public setting that is None is part of the digest"
+
+
+def test_without_addresses_removes_every_address() -> None:
+    from retain.checkpoint import stable_repr, without_addresses
+
+    assert without_addresses("<f at 0x7fA0> and <g at 0xbeef>") == "<f> and <g>"
+    assert without_addresses("at 0x12 stays") == "at 0x12 stays"
+    assert stable_repr(_double) == f"<function {_double.__qualname__}>"
