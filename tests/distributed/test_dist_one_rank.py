@@ -1,0 +1,75 @@
+"""The collectives of a DDP update on a one-rank gloo group in this process (no worker processes):
+the memory's byte-level all_gather and an update run as rank 0 of a launched job."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+
+from retain import ExperienceReplayModelUpdater, MultiLayerPerceptron
+from retain.memory import ReservoirMemory
+from retain.state import StateFolder
+from retain.updaters.distributed import gather_memory, in_launched_job
+
+
+@pytest.fixture
+def one_rank_group(tmp_path: Path) -> Iterator[None]:
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
+
+
+def test_gather_memory_sends_every_dtype_and_leaf_through_bytes(one_rank_group: None) -> None:
+    memory = ReservoirMemory(5, seed=2, pad_values={"ids": -1})
+    for start in range(0, 9, 3):
+        ids = torch.arange(start, start + 3)
+        inputs = {"ids": ids[:, None].repeat(1, 2), "x": (ids.double() / 3)[:, None], "m": (ids % 2 == 0)[:, None]}
+        memory.add(inputs, ids % 4, {"logits": (ids.float() / 7)[:, None].repeat(1, 3)})
+    gathered = gather_memory(memory, 5)
+    assert gathered is not memory and gathered.seen == 9 and len(gathered) == 5
+    for a, b in zip(gathered.raw_items()[:2], memory.raw_items()[:2], strict=True):
+        if isinstance(a, dict):
+            assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) and a[k].dtype == b[k].dtype for k in a)
+        else:
+            assert torch.equal(a, b)
+    assert torch.equal(gathered.raw_items()[2]["logits"], memory.raw_items()[2]["logits"])
+    assert torch.equal(gathered.generator.get_state(), memory.generator.get_state())
+    assert gathered.pad_values == {"ids": -1}
+
+
+def test_gather_memory_of_an_empty_rank(one_rank_group: None) -> None:
+    memory = ReservoirMemory(3, seed=1)
+    memory.seen = 0
+    gathered = gather_memory(memory, 3)
+    assert len(gathered) == 0 and gathered.seen == 0
+    assert torch.equal(gathered.generator.get_state(), memory.generator.get_state())
+
+
+def test_an_update_as_the_only_rank_of_a_launched_job_writes_its_state(one_rank_group: None, tmp_path: Path) -> None:
+    assert in_launched_job()
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(24, 4, generator=g), torch.randint(0, 3, (24,), generator=g))
+    updater = ExperienceReplayModelUpdater(
+        MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+        functools.partial(torch.optim.SGD, lr=0.1), memory_size=10, batch_size=8, memory_batch_size=4,
+        max_epochs=1, devices=2, output_state_folder=tmp_path / "out", seed=3,
+    )  # fmt: skip
+    model = updater.update(train, task_id="t1")
+    assert model is not None
+    state = StateFolder(tmp_path / "out")
+    assert state.manifest["updates_done"] == 1 and state.manifest["task_ids_seen"] == ["t1"]
+    memory = state.json("memory.json")
+    assert memory["seen"] == 24 and memory["memory_size"] == 10  # one rank: every item once, no padding
+    assert updater.learner.memory.seen == 24 and updater.learner.memory_batch_size == 4
+    assert updater.learner.forward_model is updater.learner.model  # the DDP wrapper is dropped afterwards
+    saved = state.tensors("memory.safetensors")
+    assert torch.equal(saved["inputs"], updater.learner.memory.raw_items()[0])
+    assert not (tmp_path / ".out.lock").exists()
