@@ -73,3 +73,28 @@ def test_an_update_as_the_only_rank_of_a_launched_job_writes_its_state(one_rank_
     saved = state.tensors("memory.safetensors")
     assert torch.equal(saved["inputs"], updater.learner.memory.raw_items()[0])
     assert not (tmp_path / ".out.lock").exists()
+
+
+@pytest.mark.slow  # two updates, about 5 s on 2 cores
+def test_a_joint_update_shards_its_chunked_data_as_a_rank(one_rank_group: None, tmp_path: Path) -> None:
+    """The joint baseline's chunk source is not a stream: a rank trains on its shard of every chunk."""
+    from retain import JointModelUpdater
+
+    g = torch.Generator().manual_seed(1)
+    tasks = [TensorDataset(torch.randn(10, 4, generator=g), torch.randint(0, 3, (10,), generator=g)) for _ in range(2)]
+    first = JointModelUpdater(MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+                              functools.partial(torch.optim.SGD, lr=0.1), batch_size=4, max_epochs=1,
+                              output_state_folder=tmp_path / "a", seed=0)  # fmt: skip
+    dist.destroy_process_group()  # the first update on one device, outside the group
+    try:
+        first.update(tasks[0], task_id="t1")
+    finally:
+        dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store2", rank=0, world_size=1)
+    second = JointModelUpdater(
+        MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+        functools.partial(torch.optim.SGD, lr=0.1), batch_size=4, max_epochs=1, devices=2,
+        input_state_folder=tmp_path / "a", output_state_folder=tmp_path / "b", seed=0,
+    )  # fmt: skip
+    second.update(tasks[1], task_id="t2")
+    state = StateFolder(tmp_path / "b")
+    assert state.manifest["task_ids_seen"] == ["t1", "t2"] and state.has("chunk_000001.safetensors")
