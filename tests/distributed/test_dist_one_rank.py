@@ -98,3 +98,22 @@ def test_a_joint_update_shards_its_chunked_data_as_a_rank(one_rank_group: None, 
     second.update(tasks[1], task_id="t2")
     state = StateFolder(tmp_path / "b")
     assert state.manifest["task_ids_seen"] == ["t1", "t2"] and state.has("chunk_000001.safetensors")
+
+
+def test_rank_0_of_a_launched_job_takes_the_output_lock(one_rank_group: None, tmp_path: Path) -> None:
+    """run_rank(take_lock=True) holds the output lock on rank 0: a lock held elsewhere fails every rank."""
+    from retain.state import OutputLock
+    from retain.updaters.distributed import DistributedUpdateError, run_rank
+
+    g = torch.Generator().manual_seed(0)
+    train = TensorDataset(torch.randn(8, 4, generator=g), torch.randint(0, 3, (8,), generator=g))
+    updater = ExperienceReplayModelUpdater(
+        MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+        functools.partial(torch.optim.SGD, lr=0.1), memory_size=4, batch_size=4, max_epochs=1, devices=2,
+        output_state_folder=tmp_path / "out",
+    )  # fmt: skip
+    updater.release_output_lock()
+    held = r"^StateLockedError: another update is writing the state"
+    with OutputLock(tmp_path / "out"), pytest.raises(DistributedUpdateError, match=held):  # another writer took it
+        run_rank(updater, train, None, None, None, "t1", take_lock=True)
+    assert not (tmp_path / "out").exists()
