@@ -180,3 +180,12 @@ def test_a_sample_larger_than_the_memory_draws_every_item_once() -> None:
     assert batch is not None and sorted(batch.indices.tolist()) == [0, 1, 2, 3, 4]
     assert sorted(batch.inputs[:, 0].tolist()) == [0.0, 10.0, 20.0, 30.0, 40.0]
     assert memory.sample(-1) is None and len(memory) == 5
+
+
+def test_update_metadata_with_gamma_one_keeps_and_with_gamma_zero_replaces_even_non_finite_values() -> None:
+    memory = _ids_memory(memory_size=8, items=4)
+    memory.set_metadata("logits", torch.tensor([[1.0, 2.0], [float("inf"), 0.0], [5.0, 6.0], [7.0, 8.0]]))
+    memory.update_metadata("logits", torch.tensor([0, 2]), torch.full((2, 2), 100.0), gamma=1.0)
+    assert memory.raw_items()[2]["logits"][[0, 2]].tolist() == [[1.0, 2.0], [5.0, 6.0]]
+    memory.update_metadata("logits", torch.tensor([1]), torch.tensor([[3.0, 4.0]]), gamma=0.0)
+    assert memory.raw_items()[2]["logits"][1].tolist() == [3.0, 4.0]  # not 0 * inf + 3 = nan
