@@ -511,3 +511,22 @@ def test_a_file_given_both_as_contents_and_as_a_link_is_refused(tmp_path: Path) 
         write_state(tmp_path / "b", _manifest(files={}), {}, {"chunk_000000.safetensors": {"x": torch.ones(1)}},
                     {"chunk_000000.safetensors": linked})  # fmt: skip
     assert not (tmp_path / "b").exists()
+
+
+def test_tensors_are_read_from_their_offsets_into_the_buffers_that_fit_and_only_those(tmp_path: Path) -> None:
+    """Data is laid out widest dtype first, not by name; a buffer of another dtype, shape or layout
+    is not read into (a new tensor is), one that fits is filled in place."""
+    a, b, c = torch.arange(3, dtype=torch.int8), torch.tensor([0.5, -2.0], dtype=torch.float64), torch.arange(6.0)
+    folder = write_state(tmp_path / "s", _manifest(files={}), {}, {"t.safetensors": {"a": a, "b": b, "c": c}})
+    state = StateFolder(folder)
+    plain = state.tensors("t.safetensors")
+    assert torch.equal(plain["a"], a) and torch.equal(plain["b"], b) and torch.equal(plain["c"], c)
+    fits = torch.zeros(2, dtype=torch.float64)
+    wrong = {"a": torch.zeros(3, dtype=torch.int16), "c": torch.zeros(6, 2)[:, 0], "b": fits}
+    wrong_shape = torch.zeros(2, 3)
+    read = state.tensors("t.safetensors", into=wrong)
+    assert read["b"] is fits and fits.tolist() == [0.5, -2.0]
+    assert read["a"].dtype == torch.int8 and torch.equal(read["a"], a) and wrong["a"].eq(0).all()
+    assert torch.equal(read["c"], c) and wrong["c"].eq(0).all()  # not contiguous: not read into
+    read = state.tensors("t.safetensors", into={"c": wrong_shape})
+    assert read["c"].shape == (6,) and torch.equal(read["c"], c) and wrong_shape.eq(0).all()
