@@ -530,3 +530,43 @@ def test_tensors_are_read_from_their_offsets_into_the_buffers_that_fit_and_only_
     assert torch.equal(read["c"], c) and wrong["c"].eq(0).all()  # not contiguous: not read into
     read = state.tensors("t.safetensors", into={"c": wrong_shape})
     assert read["c"].shape == (6,) and torch.equal(read["c"], c) and wrong_shape.eq(0).all()
+
+
+def test_a_lock_path_that_is_a_fifo_is_refused(tmp_path: Path) -> None:
+    from retain.state import OutputLock
+
+    os.mkfifo(tmp_path / ".out.lock")
+    with pytest.raises(StateError, match=r"\.out\.lock: the lock file is not a regular file$"):
+        OutputLock(tmp_path / "out").acquire()
+
+
+def test_releasing_a_lock_not_held_or_whose_file_is_gone_is_harmless(tmp_path: Path) -> None:
+    from retain.state import OutputLock
+
+    lock = OutputLock(tmp_path / "out")
+    lock.release()  # never acquired
+    assert not lock.held and lock.depth == 0
+    lock.acquire()
+    assert lock.held and (tmp_path / ".out.lock").is_file()
+    os.unlink(tmp_path / ".out.lock")
+    fd = lock.fd
+    lock.release()
+    assert not lock.held and fd is not None
+    with pytest.raises(OSError, match="Bad file descriptor"):
+        os.fstat(fd)  # closed
+    with OutputLock(tmp_path / "out"):
+        pass
+
+
+def test_a_lock_dropped_without_release_is_released(tmp_path: Path) -> None:
+    import gc
+
+    from retain.state import OutputLock
+
+    lock = OutputLock(tmp_path / "out").acquire()
+    lock.acquire()  # held twice
+    del lock
+    gc.collect()
+    assert not (tmp_path / ".out.lock").exists()
+    with OutputLock(tmp_path / "out") as again:
+        assert again.held
