@@ -15,7 +15,7 @@ from torch.utils.data import TensorDataset
 from retain import ExperienceReplayModelUpdater, MultiLayerPerceptron
 from retain.memory import ReservoirMemory
 from retain.state import StateFolder
-from retain.updaters.distributed import gather_memory, in_launched_job
+from retain.updaters.distributed import DistributedUpdateError, gather_memory, in_launched_job
 
 
 @pytest.fixture
@@ -117,3 +117,68 @@ def test_rank_0_of_a_launched_job_takes_the_output_lock(one_rank_group: None, tm
     with OutputLock(tmp_path / "out"), pytest.raises(DistributedUpdateError, match=held):  # another writer took it
         run_rank(updater, train, None, None, None, "t1", take_lock=True)
     assert not (tmp_path / "out").exists()
+
+
+def _er_updater(tmp_path: Path, **kwargs: object) -> ExperienceReplayModelUpdater:
+    return ExperienceReplayModelUpdater(
+        MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+        functools.partial(torch.optim.SGD, lr=0.1), memory_size=4, batch_size=4, max_epochs=1, devices=2,
+        output_state_folder=tmp_path / "out", **kwargs,
+    )  # fmt: skip
+
+
+def _train(n: int = 8) -> TensorDataset:
+    g = torch.Generator().manual_seed(0)
+    return TensorDataset(torch.randn(n, 4, generator=g), torch.randint(0, 3, (n,), generator=g))
+
+
+def test_a_state_rank_0_cannot_write_fails_the_update_on_every_rank(one_rank_group: None, tmp_path: Path) -> None:
+    updater = _er_updater(tmp_path)
+    (tmp_path / "out").write_text("a user's file appeared")
+    with pytest.raises(DistributedUpdateError, match=r"^rank 0 could not write .*out: StateError: refusing to replace"):
+        updater.update(_train(), task_id="t1")
+    assert (tmp_path / "out").read_text() == "a user's file appeared"
+
+
+def test_a_stream_cannot_be_sharded_over_ranks(one_rank_group: None, tmp_path: Path) -> None:
+    from torch.utils.data import IterableDataset
+
+    class Stream(IterableDataset):
+        def __iter__(self):  # type: ignore[no-untyped-def]
+            yield from _train()
+
+    with pytest.raises(ValueError, match=r"an IterableDataset cannot be sharded over devices; use devices=1"):
+        _er_updater(tmp_path).update(Stream(), task_id="t1")
+    assert not (tmp_path / "out").exists()
+
+
+def test_shutdown_process_group_ends_the_group_and_says_whether_there_was_one(tmp_path: Path) -> None:
+    from retain.updaters.distributed import shutdown_process_group
+
+    assert shutdown_process_group() is False
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    try:
+        assert shutdown_process_group(timeout_s=5.0) is True
+        assert not dist.is_initialized()
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def test_ensure_process_group_starts_gloo_from_the_environment(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    import socket
+
+    from retain.updaters.distributed import ensure_process_group
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    for name, value in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK="0", WORLD_SIZE="1").items():
+        monkeypatch.setenv(name, value)
+    ensure_process_group(torch.device("cpu"))
+    try:
+        assert dist.is_initialized() and dist.get_backend() == "gloo" and dist.get_world_size() == 1
+        ensure_process_group(torch.device("cpu"))  # already initialised: left as it is
+        assert dist.is_initialized()
+    finally:
+        dist.destroy_process_group()
