@@ -213,6 +213,12 @@ def test_required_metadata_must_be_floating_point() -> None:
         ReservoirMemory(4).load_state_dict(*memory.state_dict(), required_metadata={"ids": None})
 
 
+def test_a_description_that_is_not_an_object_is_refused() -> None:
+    _, tensors = _state()
+    with pytest.raises(MemoryStateError, match=r"^memory state: the description must be a JSON object, got list$"):
+        ReservoirMemory(6, pad_values={"ids": -1}).load_state_dict([], tensors)  # type: ignore[arg-type]
+
+
 def test_a_state_without_the_nested_fields_loads_as_a_single_tensor() -> None:
     """States written before nested inputs (and the DDP shards) carry only the three counters."""
     meta, tensors = _state(nested=False)

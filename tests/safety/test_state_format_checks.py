@@ -570,3 +570,13 @@ def test_a_lock_dropped_without_release_is_released(tmp_path: Path) -> None:
     assert not (tmp_path / ".out.lock").exists()
     with OutputLock(tmp_path / "out") as again:
         assert again.held
+
+
+def test_an_output_under_a_file_is_refused_and_leftovers_of_a_missing_parent_are_none(tmp_path: Path) -> None:
+    from retain.state import remove_stale_temporaries
+
+    (tmp_path / "f").write_text("x")
+    with pytest.raises(StateError, match=r"output state folder .*f/out: .*f is a file, not a folder$"):
+        check_output_path(tmp_path / "f" / "out")
+    remove_stale_temporaries(tmp_path / "missing" / "out")  # nothing to clean, nothing raised
+    assert sorted(os.listdir(tmp_path)) == ["f"]
