@@ -182,3 +182,26 @@ def test_ensure_process_group_starts_gloo_from_the_environment(tmp_path: Path, m
         assert dist.is_initialized()
     finally:
         dist.destroy_process_group()
+
+
+def test_a_rank_replays_its_share_of_the_memory_batch_and_trains_its_share_of_the_batch(
+    one_rank_group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """One rank of W = 1: ceil(b / 1) = b of both batches per step, every item of the data once."""
+    drawn: list[int] = []
+    real_sample = ReservoirMemory.sample
+
+    def sample(self: ReservoirMemory, batch_size: int):  # type: ignore[no-untyped-def]
+        drawn.append(batch_size)
+        return real_sample(self, batch_size)
+
+    monkeypatch.setattr(ReservoirMemory, "sample", sample)
+    updater = ExperienceReplayModelUpdater(
+        MultiLayerPerceptron(4, 3, (8,)), torch.nn.functional.cross_entropy,
+        functools.partial(torch.optim.SGD, lr=0.1), memory_size=6, batch_size=4, memory_batch_size=3,
+        max_epochs=1, devices=2, output_state_folder=tmp_path / "out",
+    )  # fmt: skip
+    updater.update(_train(12), task_id="t1")
+    assert drawn and set(drawn) == {3}, drawn
+    assert updater.last_fit is not None
+    assert updater.learner.memory.seen == 12 and updater.learner.memory_batch_size == 3
