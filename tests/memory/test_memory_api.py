@@ -189,3 +189,18 @@ def test_update_metadata_with_gamma_one_keeps_and_with_gamma_zero_replaces_even_
     assert memory.raw_items()[2]["logits"][[0, 2]].tolist() == [[1.0, 2.0], [5.0, 6.0]]
     memory.update_metadata("logits", torch.tensor([1]), torch.tensor([[3.0, 4.0]]), gamma=0.0)
     assert memory.raw_items()[2]["logits"][1].tolist() == [3.0, 4.0]  # not 0 * inf + 3 = nan
+
+
+def test_empty_like_keeps_the_device_and_transforms_and_takes_the_seed_given() -> None:
+    def transform(x: torch.Tensor) -> torch.Tensor:
+        return x + 1
+
+    def target_transform(y: torch.Tensor) -> torch.Tensor:
+        return y * 2
+
+    memory = ReservoirMemory(9, seed=3, transform=transform, target_transform=target_transform)
+    twin = memory.empty_like(seed=5)
+    assert twin.memory_size == 9 and twin.device == memory.device
+    assert twin.transform is transform and twin.target_transform is target_transform
+    assert torch.equal(twin.generator.get_state(), ReservoirMemory(1, seed=5).generator.get_state())
+    assert torch.equal(memory.empty_like().generator.get_state(), ReservoirMemory(1, seed=0).generator.get_state())
