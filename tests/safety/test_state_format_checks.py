@@ -580,3 +580,13 @@ def test_an_output_under_a_file_is_refused_and_leftovers_of_a_missing_parent_are
         check_output_path(tmp_path / "f" / "out")
     remove_stale_temporaries(tmp_path / "missing" / "out")  # nothing to clean, nothing raised
     assert sorted(os.listdir(tmp_path)) == ["f"]
+
+
+def test_write_state_creates_parents_replaces_a_state_without_leftovers_and_validates_first(tmp_path: Path) -> None:
+    target = tmp_path / "a" / "b" / "s"
+    write_state(target, _manifest(files={}), {"learner.json": {"v": 1}}, {})
+    write_state(target, _manifest(files={}), {"learner.json": {"v": 2}}, {})  # replaces the state
+    assert os.listdir(target.parent) == ["s"] and StateFolder(target).json("learner.json") == {"v": 2}
+    with pytest.raises(StateError, match=r"manifest.json: updates_done must be in \[0, 2\*\*63\), got -1"):
+        write_state(target, _manifest(files={}, updates_done=-1), {"learner.json": {"v": 3}}, {})
+    assert os.listdir(target.parent) == ["s"] and StateFolder(target).json("learner.json") == {"v": 2}
