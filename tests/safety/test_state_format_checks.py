@@ -590,3 +590,17 @@ def test_write_state_creates_parents_replaces_a_state_without_leftovers_and_vali
     with pytest.raises(StateError, match=r"manifest.json: updates_done must be in \[0, 2\*\*63\), got -1"):
         write_state(target, _manifest(files={}, updates_done=-1), {"learner.json": {"v": 3}}, {})
     assert os.listdir(target.parent) == ["s"] and StateFolder(target).json("learner.json") == {"v": 2}
+
+
+def test_a_deferred_verification_runs_once_and_reports_when_done(tmp_path: Path) -> None:
+    from retain.state import MappedVerification
+
+    nothing = MappedVerification([])
+    assert nothing.done
+    nothing.join()  # nothing to wait for, nothing raised
+    folder = write_state(tmp_path / "s", _manifest(files={}), {}, {"chunk_000000.safetensors": {"x": torch.ones(3)}})
+    state = StateFolder(folder, defer_mapped=True)
+    first = state.verify_mapped_in_background()
+    first.join()
+    assert first.done and first.error is None
+    assert state.verify_mapped_in_background().files == []  # a second call has nothing left to verify
