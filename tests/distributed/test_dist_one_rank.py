@@ -208,3 +208,34 @@ def test_a_rank_replays_its_share_of_the_memory_batch_and_trains_its_share_of_th
     assert drawn and set(drawn) == {3}, drawn
     assert updater.last_fit is not None
     assert updater.learner.memory.seen == 12 and updater.learner.memory_batch_size == 3
+
+
+class _Records(torch.utils.data.Dataset):
+    """Items as records that only the caller's collate function turns into (inputs, targets)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> dict[str, torch.Tensor]:
+        x, y = self.data[i]
+        return {"features": x, "label": y}
+
+
+def _collate_records(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.stack([r["features"] for r in items]), torch.stack([r["label"] for r in items])
+
+
+def test_a_rank_trains_with_the_train_collate_function_it_was_given(one_rank_group: None, tmp_path: Path) -> None:
+    calls: list[int] = []
+
+    def collate(items: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(len(items))
+        return _collate_records(items)
+
+    updater = _er_updater(tmp_path)
+    updater.update(_Records(_train(8)), train_dataset_collate_fn=collate, task_id="t1")
+    assert calls and sum(calls) >= 8  # every training item went through it
+    assert StateFolder(tmp_path / "out").json("memory.json")["seen"] == 8
