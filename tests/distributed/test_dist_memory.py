@@ -110,3 +110,83 @@ def test_derived_generator_states() -> None:
         g.set_state(s)
         draws.append(torch.rand(4, generator=g))
     assert not torch.allclose(draws[0], draws[1]) and not torch.allclose(draws[1], draws[2])
+
+
+def test_derived_generator_states_are_the_documented_seeds() -> None:
+    """Rank r > 0: a generator seeded s + r, s the first draw in [0, 2**62) from a copy of rank 0's."""
+    source = torch.Generator().manual_seed(11)
+    state = source.get_state()
+    copy_ = torch.Generator()
+    copy_.set_state(state.clone())
+    s = int(torch.randint(0, 2**62, (1,), generator=copy_))
+    for rank in (1, 3):
+        expected = torch.Generator().manual_seed(s + rank).get_state()
+        assert torch.equal(derive_generator_state(state, rank), expected), rank
+    assert torch.equal(source.get_state(), state)  # rank 0's generator is not advanced
+    zero = derive_generator_state(state, 0)
+    zero[0] ^= 1
+    assert not torch.equal(zero, state)  # rank 0 gets a copy, not the caller's tensor
+
+
+def test_shard_indices_pad_by_wrapping_the_seeded_permutation() -> None:
+    order = torch.randperm(5, generator=torch.Generator().manual_seed(9)).tolist()
+    padded = (order * 2)[:6]  # ceil(5 / 2) = 3 items per rank
+    assert shard_indices(5, 0, 2, seed=9).tolist() == padded[0::2]
+    assert shard_indices(5, 1, 2, seed=9).tolist() == padded[1::2]
+    assert shard_indices(2, 2, 3, seed=9).tolist() == [(torch.randperm(2, generator=torch.Generator().manual_seed(9))
+                                                        .tolist() * 2)[2]]  # fmt: skip
+    with pytest.raises(ValueError, match=r"^the dataset is empty: an update needs at least one item$"):
+        shard_indices(0, 0, 2, seed=9)
+
+
+def test_a_shard_takes_every_wth_item_and_a_generator_derived_for_its_rank() -> None:
+    whole = filled_memory(10, 10)
+    inputs, targets, metadata = whole.raw_items()
+    for rank in range(3):
+        part = shard_memory(whole, rank, 3)
+        x, y, m = part.raw_items()
+        assert torch.equal(x, inputs[rank::3]) and torch.equal(y, targets[rank::3])
+        assert torch.equal(m["logits"], metadata["logits"][rank::3])
+        expected = derive_generator_state(whole.generator.get_state(), rank)
+        assert torch.equal(part.generator.get_state(), expected), rank
+        assert part.pad_values == whole.pad_values and part.memory_device == whole.memory_device
+
+
+def test_merging_ranks_without_items_keeps_seen_and_rank_0s_generator() -> None:
+    template = ReservoirMemory(4, seed=0)
+    empty_a, empty_b = ReservoirMemory(2, seed=1), ReservoirMemory(2, seed=2)
+    empty_a.seen, empty_b.seen = 0, 0
+    merged = merge_memories([empty_a.state_dict(), empty_b.state_dict()], template, 4)
+    assert len(merged) == 0 and merged.seen == 0 and merged.metadata == {}
+    assert torch.equal(merged.generator.get_state(), empty_a.generator.get_state())
+    # rank 0 saw nothing, rank 1 holds items with logits: names and items come from rank 1
+    slotless = ReservoirMemory(0, seed=3)
+    slotless.add(torch.zeros(3, 3), torch.zeros(3, dtype=torch.long), {"logits": torch.zeros(3, 10)})
+    full = filled_memory(2, 5, seed=4)
+    merged = merge_memories([slotless.state_dict(), full.state_dict()], template, 2)
+    assert merged.memory_size == 2 and merged.seen == 3 + 5 and sorted(merged.metadata) == ["logits"]
+    assert rows(merged) == rows(full)
+    assert torch.equal(merged.generator.get_state(), slotless.generator.get_state())
+
+
+def test_bare_tensor_ranks_of_different_widths_merge_padded_with_the_inputs_pad_value() -> None:
+    a = ReservoirMemory(4, seed=0, pad_values={"": -1})
+    a.add(torch.ones(2, 2), torch.zeros(2, dtype=torch.long))
+    b = ReservoirMemory(4, seed=1, pad_values={"": -1})
+    b.add(torch.full((1, 4), 2.0), torch.ones(1, dtype=torch.long))
+    merged = merge_memories([a.state_dict(), b.state_dict()], a, 4)
+    assert merged.raw_items()[0].tolist() == [[1, 1, -1, -1], [1, 1, -1, -1], [2, 2, 2, 2]]
+    assert merged.raw_items()[1].tolist() == [0, 0, 1] and merged.seen == 3
+
+
+def test_in_launched_job_needs_all_three_torchrun_variables(monkeypatch: pytest.MonkeyPatch) -> None:
+    from retain.updaters.distributed import in_launched_job
+
+    for name in ("WORLD_SIZE", "RANK", "LOCAL_RANK"):
+        monkeypatch.delenv(name, raising=False)
+    assert not in_launched_job()
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    monkeypatch.setenv("RANK", "0")
+    assert not in_launched_job()
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    assert in_launched_job()

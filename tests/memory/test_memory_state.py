@@ -41,6 +41,77 @@ CASES: list[tuple[str, Callable[[dict, dict], None], str]] = [
     ("unknown-field", lambda m, t: _set(m, "extra", 1), r"unknown field\(s\) \['extra'\]"),
     ("missing-field", lambda m, t: m.pop("seen"), r"field 'seen' is missing"),
     ("seen-type", lambda m, t: _set(m, "seen", True), r"seen must be an integer, got True"),
+    ("size-type", lambda m, t: _set(m, "memory_size", 6.0), r"memory_size must be an integer, got 6.0"),
+    ("size-bool", lambda m, t: _set(m, "memory_size", True), r"memory_size must be an integer, got True"),
+    (
+        "seen-past-2**53",
+        lambda m, t: _set(m, "seen", 2**53 + 1),
+        r"seen must lie in \[0, 2\*\*53\] .*got 9007199254740993",
+    ),
+    (
+        "names-type",
+        lambda m, t: _set(m, "metadata_names", "logits"),
+        r"metadata_names must be a list of identifiers, got",
+    ),
+    (
+        "names-int",
+        lambda m, t: _set(m, "metadata_names", [3]),
+        r"metadata_names must be a list of identifiers, got \[3\]",
+    ),
+    ("names-repeated", lambda m, t: _set(m, "metadata_names", ["logits", "logits"]), r"must be sorted and unique"),
+    (
+        "leaves-list",
+        lambda m, t: _set(m, "input_leaves", []),
+        r"input_leaves must describe the leaves \['ids', 'x'\], got \[\]",
+    ),
+    (
+        "leaf-spec-int",
+        lambda m, t: m["input_leaves"].__setitem__("x", 3),
+        r"input_leaves\['x'\] must be \{'dtype', 'shape'\}, got 3",
+    ),
+    (
+        "leaf-spec-list",
+        lambda m, t: m["input_leaves"].__setitem__("x", ["dtype", "shape"]),
+        r"input_leaves\['x'\] must be",
+    ),
+    (
+        "leaf-spec-extra",
+        lambda m, t: m["input_leaves"]["x"].update(pad=0),
+        r"input_leaves\['x'\] must be \{'dtype', 'sha",
+    ),
+    ("leaf-dtype-int", lambda m, t: m["input_leaves"]["x"].update(dtype=3), r"input_leaves\['x'\]: unknown dtype 3"),
+    (
+        "leaf-shape-int",
+        lambda m, t: m["input_leaves"]["x"].update(shape=1),
+        r"input_leaves\['x'\]: shape must be a list",
+    ),
+    (
+        "leaf-shape-bool",
+        lambda m, t: m["input_leaves"]["x"].update(shape=[True]),
+        r"input_leaves\['x'\]: shape must be",
+    ),
+    (
+        "pad-missing-in-state",
+        lambda m, t: _set(m, "pad_values", {}),
+        r"input leaf 'ids' was padded with 0, this memory pads it with -1",
+    ),
+    (
+        "pad-nan",
+        lambda m, t: _set(m, "pad_values", {"ids": float("nan")}),
+        r"pad value of input leaf 'ids' must be a finite",
+    ),
+    (
+        "metadata-scalar",
+        lambda m, t: _set(t, "metadata.logits", torch.tensor(1.0)),
+        r"'metadata.logits' has shape \(\), expected 6 rows",
+    ),
+    ("tensors-not-tensors", lambda m, t: _set(t, "targets", [1, 2]), r"tensors must be a dict of tensors"),
+    (
+        "generator-2d",
+        lambda m, t: _set(t, "generator_state", t["generator_state"][None]),
+        r"generator_state must be a 1-D",
+    ),
+    ("generator-missing", lambda m, t: t.pop("generator_state"), r"generator_state must be a 1-D uint8 tensor"),
     ("seen-negative", lambda m, t: _set(m, "seen", -1), r"seen must lie in \[0, 2\*\*53\] .*, got -1"),
     ("seen-huge", lambda m, t: _set(m, "seen", 2**63), r"seen must lie in \[0, 2\*\*53\]"),
     ("memory-size", lambda m, t: _set(m, "memory_size", 7), r"memory of size 7, this one has memory_size=6"),
@@ -140,6 +211,12 @@ def test_required_metadata_must_be_floating_point() -> None:
     memory.add(torch.ones(3, 1), torch.zeros(3, dtype=torch.long), {"ids": torch.arange(3)[:, None]})
     with pytest.raises(ValueError, match=r"metadata column 'ids' must be floating point, got torch.int64"):
         ReservoirMemory(4).load_state_dict(*memory.state_dict(), required_metadata={"ids": None})
+
+
+def test_a_description_that_is_not_an_object_is_refused() -> None:
+    _, tensors = _state()
+    with pytest.raises(MemoryStateError, match=r"^memory state: the description must be a JSON object, got list$"):
+        ReservoirMemory(6, pad_values={"ids": -1}).load_state_dict([], tensors)  # type: ignore[arg-type]
 
 
 def test_a_state_without_the_nested_fields_loads_as_a_single_tensor() -> None:
