@@ -6,9 +6,19 @@ AST node of one module is changed: a comparison flipped (``<`` -> ``>=``, ``==``
 ``or``, ``not x`` -> ``x``, ``True`` <-> ``False``, a number changed (``n`` -> ``n + 1``, ``x`` ->
 ``2 * x``), ``return x`` -> ``return None``, a call statement dropped (``os.fsync(fd)``,
 ``model.eval()``, ...), an assignment or augmented assignment dropped, two keyword (or positional)
-arguments of a call swapped, a keyword argument dropped. The module's mapped test files then run in a
-fresh interpreter (``pytest -x``) with a timeout; a failing run kills the mutant, a passing run lets it
-survive, a run past the timeout counts as killed (``timeout``).
+arguments of a call swapped, a keyword argument dropped. The mutant's tests then run in a fresh interpreter
+(``pytest -x``) with a timeout; a failing run kills the mutant, a passing run lets it survive, a run past the
+timeout counts as killed (``timeout``).
+
+Which tests: by default the module's test files (``TEST_MAP``; ``--tests`` to name others). With a coverage map
+(``--coverage-map``), the tests anywhere in the suite that executed a line of the mutated node in one
+coverage run of the non-slow suite, test files in order of their selected tests' seconds (fastest first): a
+score "killed by the suite", in less time than whole files. Code that runs at import time (module and class
+bodies, decorators) and lines no test executed in-process (code that only runs in a CLI, torchrun or spawn
+subprocess, which records nothing in the map) fall back to the test files. ``mutation.json`` and
+``mutation.md`` record each mutant's selection (``coverage: N tests`` or ``test map (...)``). The map is built
+by ``--build-coverage-map`` (needs the ``mutation`` extra: coverage, pytest-cov) at one commit; a map from
+another commit than HEAD, or from an edited module, is refused unless ``--allow-stale-map``.
 
 Usage (from the repository root; a full run is slow on 2 cores, so sample)::
 
@@ -16,6 +26,9 @@ Usage (from the repository root; a full run is slow on 2 cores, so sample)::
     python tools/mutate.py --module retain/state.py --module retain/methods/er.py --max-mutants 30 \
         --report runs/mutation
     python tools/mutate.py --module retain/memory.py --list          # the mutants, nothing run
+    python tools/mutate.py --build-coverage-map runs/covmap.json    # once per commit: the suite under coverage
+    python tools/mutate.py --module retain/memory.py --max-mutants 8 --seed 190 --coverage-map runs/covmap.json
+    python tools/mutate.py --module retain/memory.py --list --coverage-map runs/covmap.json  # + each selection
 
 The report (``--report`` folder) gets ``mutation.json`` (every mutant: line, kind, original and
 mutated code, outcome, seconds) and ``mutation.md`` (score per module, survivors). Survivors
@@ -384,7 +397,7 @@ class Selection:
 
     tests: list[str]
     label: str  # "coverage: N tests", "test map (import-time code)", "test map (no test ran these lines)"
-    expected_seconds: float | None = None  # the selected tests' seconds in the map build (None for test files)
+    expected_seconds: float | None = None  # the selected tests' files' seconds in the map build (None: test map)
 
     @property
     def from_coverage(self) -> bool:
@@ -477,9 +490,10 @@ class CoverageMap:
         return [self.tests[i] for f in order for i in files[f]]
 
     def expected_seconds(self, tests: Iterable[str]) -> float:
-        """The seconds ``tests`` took in the map build (under coverage: an overestimate)."""
-        index = {t: i for i, t in enumerate(self.tests)}
-        return sum(self.seconds[index[t]] for t in tests)
+        """The seconds the files of ``tests`` took in the map build, all their tests: the bound a mutant's timeout
+        is built on (a module-scoped fixture's cost may have been timed on a test that is not selected)."""
+        files = {t.split("::")[0] for t in tests}
+        return sum(s for t, s in zip(self.tests, self.seconds, strict=True) if t.split("::")[0] in files)
 
 
 def mutant_lines(mutant: Mutant, src_root: Path) -> tuple[set[int], bool]:
@@ -731,7 +745,7 @@ def main(argv: list[str] | None = None) -> int:
             try:
                 for m in mutants:
                     selection = selections[id(m)]
-                    m.selection = selection.label
+                    m.selection = "--tests" if args.tests else selection.label
                     if args.timeout:
                         timeout = args.timeout
                     elif selection.expected_seconds is not None:
@@ -784,8 +798,15 @@ def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list
             total[k] += c[k]
     rows.append(f"| **all** | {total['total']} | {total['tested']} | {total['killed']} | {total['timeout']} "
                 f"| {total['survived']} | {total['accepted']} | **{100 * score(total):.0f} %** |")
-    lines = ["# Mutation score", "", *rows, "", "## Survivors", ""]
+    lines = ["# Mutation score", "", *rows, ""]
+    by_map = [m for m in results if m.selection.startswith("coverage")]
+    if by_map:
+        seconds = sum(m.seconds for m in results)
+        lines += [f"Tests per mutant: from the coverage map for {len(by_map)} of {len(results)} mutants, the test "
+                  f"files (TEST_MAP) for the others; {seconds / len(results):.0f} s per mutant.", ""]
+    lines += ["## Survivors", ""]
     lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`"
+              + (f" ({m.selection})" if m.selection else "")
               for m in results if m.outcome == "survived"] or ["none"]
     lines += ["", "## Equivalent or accepted", ""]
     lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`: {m.reason}"
