@@ -802,8 +802,10 @@ def write_report(folder: Path, summary: dict[str, dict[str, int]], results: list
     by_map = [m for m in results if m.selection.startswith("coverage")]
     if by_map:
         seconds = sum(m.seconds for m in results)
-        lines += [f"Tests per mutant: from the coverage map for {len(by_map)} of {len(results)} mutants, the test "
-                  f"files (TEST_MAP) for the others; {seconds / len(results):.0f} s per mutant.", ""]
+        others = len(results) - len(by_map)
+        lines += [f"Tests per mutant: from the coverage map for {len(by_map)} of {len(results)} mutants"
+                  + (f", the test files (TEST_MAP) for the other {others}" if others else "")
+                  + f"; {seconds / len(results):.0f} s per mutant.", ""]
     lines += ["## Survivors", ""]
     lines += [f"- `{m.module}:{m.line}` {m.kind}: `{m.original}` -> `{m.mutated}`"
               + (f" ({m.selection})" if m.selection else "")
