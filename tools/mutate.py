@@ -67,11 +67,13 @@ ACCEPTED_FILE = ROOT / "tools" / "mutants_accepted.json"
 TEST_MAP: dict[str, list[str]] = {
     "retain/memory.py": ["tests/core/test_core_memory.py", "tests/core/test_core_memory_join.py",
                          "tests/core/test_core_hot_path.py", "tests/memory/test_memory_sampler.py",
-                         "tests/memory/test_memory_storage.py", "tests/memory/test_memory_state.py"],
+                         "tests/memory/test_memory_storage.py", "tests/memory/test_memory_state.py",
+                         "tests/memory/test_memory_api.py", "tests/distributed/test_dist_memory.py"],
     "retain/state.py": ["tests/wiring/test_wiring_state.py", "tests/core/test_core_state_safety.py",
                         "tests/reliability/test_rel_corrupt.py", "tests/safety/test_safe_paths.py",
                         "tests/safety/test_bounded_loading.py", "tests/safety/test_cli_errors.py",
-                        "tests/joint/test_joint_state_files.py"],
+                        "tests/joint/test_joint_state_files.py", "tests/safety/test_state_format_checks.py",
+                        "tests/core/test_core_state_io.py"],
     "retain/learners/base.py": ["tests/wiring/test_wiring_methods.py", "tests/wiring/test_wiring_losses.py",
                                 "tests/wiring/test_wiring_loop.py",
                                 "tests/wiring/test_wiring_baselines.py", "tests/core/test_core_validation.py",
@@ -100,11 +102,14 @@ TEST_MAP: dict[str, list[str]] = {
                                 "tests/er/test_er_spec_semantics.py"],
     "retain/updaters/distributed.py": ["tests/distributed/test_dist_memory.py",
                                        "tests/workloads/test_workload_ddp_memory.py",
-                                       "tests/distributed/test_dist_ddp.py", "tests/workloads/test_workload_ddp.py"],
+                                       "tests/distributed/test_dist_ddp.py", "tests/workloads/test_workload_ddp.py",
+                                       "tests/distributed/test_dist_one_rank.py"],
     "retain/chunks.py": ["tests/joint/test_joint_chunks.py", "tests/joint/test_joint_state_files.py",
-                         "tests/joint/test_joint_nested.py", "tests/wiring/test_wiring_baselines.py"],
+                         "tests/joint/test_joint_nested.py", "tests/wiring/test_wiring_baselines.py",
+                         "tests/joint/test_joint_chunk_units.py"],
     "retain/checkpoint.py": ["tests/wiring/test_wiring_fingerprint.py", "tests/reliability/test_rel_resume.py"],
-    "retain/cli.py": ["tests/wiring/test_wiring_cli.py"],
+    "retain/cli.py": ["tests/wiring/test_wiring_cli.py", "tests/cli/test_cli_paths.py",
+                      "tests/safety/test_cli_errors.py"],
 }
 
 _COMPARE_SWAPS: dict[type, list[type]] = {
