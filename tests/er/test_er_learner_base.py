@@ -337,3 +337,53 @@ def test_the_data_check_probes_in_eval_mode_and_restores_the_training_flag() -> 
         learner.on_model_update_end()
     after = learner.model.state_dict()
     assert all(torch.equal(after[k], v) for k, v in before.items())
+
+
+# ------------------------------------------------------------------ data the model cannot take
+def _mismatched_collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+    x = torch.stack([item[0] for item in items])
+    y = torch.stack([item[1] for item in items])
+    return x, y[:-1]  # one target short
+
+
+def _ragged_collate(items: list[tuple[Tensor, Tensor]]) -> tuple[dict[str, Tensor], Tensor]:
+    x = torch.stack([item[0] for item in items])
+    return {"a": x, "b": x[:-1]}, torch.stack([item[1] for item in items])
+
+
+def test_batches_whose_inputs_and_targets_disagree_are_refused_before_training(map_dataset: type) -> None:
+    data = blobs(16)
+    dataset = map_dataset(*data.tensors)
+    updater = FineTuningModelUpdater(mlp(), optimizer=SGD, batch_size=8, max_epochs=1, accelerator="cpu")
+    with pytest.raises(ValueError, match=r"^train_dataset: 8 inputs but 7 targets in a batch$"):
+        updater.update(dataset, train_dataset_collate_fn=_mismatched_collate)
+    with pytest.raises(ValueError, match=r"^train_dataset: nested inputs: .*b.* has 7 rows, .*a.* has 8$"):
+        updater.update(dataset, train_dataset_collate_fn=_ragged_collate)
+    assert updater.learner.global_step == 0
+
+
+class _Flat(nn.Module):
+    """Returns one value per item, not (B, C) logits."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.linear = nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.linear(x).sum(1)
+
+
+def test_a_model_that_does_not_return_2d_logits_is_refused_before_training() -> None:
+    torch.manual_seed(0)
+    updater = FineTuningModelUpdater(_Flat(), optimizer=SGD, batch_size=8, max_epochs=1, accelerator="cpu")
+    message = "the model must return logits of shape (B, C), got (2,)"
+    with pytest.raises(ValueError, match=r"^train_dataset: inputs .* do not fit the model .*: " + re.escape(message)):
+        updater.update(blobs(16))
+
+
+def test_the_class_mask_of_a_map_dataset_is_read_from_its_labels(map_dataset: type) -> None:
+    data = blobs(16, classes=(0, 2))
+    updater = FineTuningModelUpdater(mlp(), optimizer=SGD, batch_size=8, max_epochs=1, accelerator="cpu",
+                                     mask_unused_classes=True)  # fmt: skip
+    updater.update(map_dataset(*data.tensors))
+    assert updater.learner.masked_classes == [0, 2]
