@@ -387,3 +387,37 @@ def test_the_class_mask_of_a_map_dataset_is_read_from_its_labels(map_dataset: ty
                                      mask_unused_classes=True)  # fmt: skip
     updater.update(map_dataset(*data.tensors))
     assert updater.learner.masked_classes == [0, 2]
+
+
+# ------------------------------------------------------------------ the learner's checkpoint
+def test_the_learner_checkpoint_restores_counters_task_ids_generator_and_best_epoch() -> None:
+    from retain.learners.base import new_checkpoint
+
+    updater = FineTuningModelUpdater(mlp(), optimizer=SGD, batch_size=8, max_epochs=1, accelerator="cpu", seed=3)
+    updater.update(blobs(16), task_id="a")
+    updater.update(blobs(8, seed=1), task_id="b")
+    saved = updater.learner
+    saved.generator.manual_seed(77)
+    torch.rand(3, generator=saved.generator)  # a generator state that no seed gives
+    saved.snapshot_best()  # inside an update (a resume checkpoint) the best epoch's weights are kept too
+    checkpoint = new_checkpoint()
+    saved.on_save_checkpoint(checkpoint)
+    assert (checkpoint["json"]["global_step"], checkpoint["json"]["updates_done"]) == (3, 2)
+    loaded = Learner(mlp(1), optimizer=SGD, seed=0)
+    loaded.on_load_checkpoint(checkpoint)
+    assert (loaded.global_step, loaded.updates_done, loaded.task_ids_seen) == (3, 2, ["a", "b"])
+    assert torch.equal(loaded.generator.get_state(), saved.generator.get_state())
+    assert loaded.best_state is not None and loaded.best_state.keys() == saved.best_state.keys()
+    for key, value in saved.best_state.items():
+        assert torch.equal(loaded.best_state[key], value), key
+    for task_id in ("a", "b"):  # the updater adds the state's heads before loading
+        loaded.model.add_task_params(task_id)
+    loaded.restore_best()
+    for key, value in saved.model.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[key], value), key
+    saved.best_state = None
+    plain = new_checkpoint()
+    saved.on_save_checkpoint(plain)
+    assert not any(k.startswith("best_state.") for k in plain["tensors"])
+    loaded.on_load_checkpoint(plain)
+    assert loaded.best_state is None
