@@ -228,3 +228,35 @@ def test_join_batches_joins_dict_inputs_leaf_by_leaf() -> None:
     joined = join_batches(new, replayed, {"input_ids": 7})
     assert joined["input_ids"].tolist() == [[3, 4, 5], [6, 7, 7]]
     assert joined["scale"].dtype == torch.float32 and joined["scale"].tolist() == [[0.5], [2.0]]
+
+
+class _Tokens(torch.nn.Module):
+    """Mean of token embeddings -> 3 logits (a plain module taking (B, L) token ids)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.embed, self.out = torch.nn.Embedding(40, 4), torch.nn.Linear(4, 3)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.out(self.embed(x).mean(1))
+
+
+def test_replayed_sequences_are_padded_with_the_declared_pad_value() -> None:
+    """Token sequences of length 3, then of length 5: the replayed items of the first update join
+    the longer new batch padded with ``pad_values`` (7 here), not with 0."""
+    torch.manual_seed(0)
+    model = _Tokens()
+    seen: list[Tensor] = []
+    model.register_forward_hook(lambda m, args, out: seen.append(args[0].clone()) if m.training else None)
+    learner = ExperienceReplayLearner(model=model, optimizer=SGD, memory_size=8, batch_size=4, memory_batch_size=2,
+                                      pad_values={"": 7}, seed=0)  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    short = TensorDataset(torch.randint(0, 7, (8, 3), generator=g), torch.randint(3, (8,), generator=g))
+    long = TensorDataset(torch.randint(0, 7, (4, 5), generator=g), torch.randint(3, (4,), generator=g))
+    run_update(learner, short)
+    seen.clear()
+    run_update(learner, long)
+    (joined,) = seen
+    assert joined.shape == (6, 5)
+    assert sorted(joined[:4].tolist()) == sorted(long.tensors[0].tolist())  # the new batch (shuffled)
+    assert joined[4:, 3:].eq(7).all() and joined[4:, :3].lt(7).all()  # replayed short items, padded with 7
