@@ -197,6 +197,7 @@ def test_rd_stream_with_the_right_number_of_logits_enters_the_memory() -> None:
     learner.on_model_update_start(_Stream(_task()), None)
     inputs, targets, metadata = learner.memory.raw_items()
     torch.testing.assert_close(inputs, _task().tensors[0])
+    assert torch.equal(targets, _task().tensors[1])
     torch.testing.assert_close(metadata["logits"], torch.arange(N * 4, dtype=torch.float32).reshape(N, 4))
 
 
