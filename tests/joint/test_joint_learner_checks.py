@@ -1,0 +1,183 @@
+"""JointLearner's own checks and options: the class mask over every chunk, a DDP rank's shard, the
+data kept so far, the pad values, and the refusals of an input state whose learner.json, manifest
+or chunk files do not agree (a chunk of another dtype, of other targets, or of classes the model
+does not have), each naming the file."""
+
+from __future__ import annotations
+
+import functools
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+from torch.utils.data import TensorDataset
+
+from retain import MultiLayerPerceptron
+from retain.methods import JointModelUpdater
+from retain.state import StateError
+
+ITEMS = 12
+
+
+def chunk(seed: int, classes: tuple[int, ...] = (0, 1, 2), dtype: torch.dtype = torch.int64) -> TensorDataset:
+    g = torch.Generator().manual_seed(seed)
+    targets = torch.tensor(classes).repeat(ITEMS // len(classes) + 1)[:ITEMS].to(dtype)
+    return TensorDataset(torch.randn(ITEMS, 4, generator=g), targets)
+
+
+def joint(input_state: Path | None = None, output_state: Path | None = None, outputs: int = 3,
+          **options: Any) -> JointModelUpdater:  # fmt: skip
+    torch.manual_seed(0)
+    options = {"batch_size": 4, "max_epochs": 1, "accelerator": "cpu", **options}
+    sgd = functools.partial(torch.optim.SGD, lr=0.1)
+    return JointModelUpdater(MultiLayerPerceptron(4, outputs, [8]), optimizer=sgd, input_state_folder=input_state,
+                             output_state_folder=output_state, **options)  # fmt: skip
+
+
+def two_updates(folder: Path, second: TensorDataset, outputs: int = 3) -> Path:
+    joint(None, folder / "v0", outputs).update(chunk(0, tuple(range(min(outputs, 3)))))
+    joint(folder / "v0", folder / "v1", outputs).update(second)
+    return folder / "v1"
+
+
+def transplant(target: Path, source: Path, name: str) -> None:
+    """Puts ``source``'s file ``name`` (and its manifest entry) into ``target``: the checksums agree,
+    so only the learner's own checks can refuse it."""
+    shutil.copyfile(source / name, target / name)
+    manifest = json.loads((target / "manifest.json").read_text())
+    manifest["files"][name] = json.loads((source / "manifest.json").read_text())["files"][name]
+    (target / "manifest.json").write_text(json.dumps(manifest))
+
+
+# ------------------------------------------------------------------ options
+
+
+def test_joint_masks_the_classes_of_every_chunk_not_only_the_new_one(tmp_path: Path) -> None:
+    joint(None, tmp_path / "v0", mask_unused_classes=True).update(chunk(0, (0,)))
+    updater = joint(tmp_path / "v0", tmp_path / "v1", mask_unused_classes=True)
+    updater.update(chunk(1, (1,)))
+    assert updater.learner.masked_classes == [0, 1]
+    given = joint(tmp_path / "v0", tmp_path / "v2", mask_unused_classes=True, update_classes=[0, 1, 2])
+    given.update(chunk(1, (1,)))
+    assert given.learner.masked_classes == [0, 1, 2], "update_classes, when given, is the mask"
+    off = joint(tmp_path / "v0", tmp_path / "v3")
+    off.update(chunk(1, (1,)))
+    assert off.learner.masked_classes is None
+
+
+def test_joint_keeps_the_pad_values_option() -> None:
+    assert joint(pad_values={"tokens": 5.0}).learner.pad_values == {"tokens": 5.0}
+    assert joint().learner.pad_values == {}
+
+
+def test_a_joint_train_shard_is_the_given_items_of_all_chunks_shuffled_in_batches_of_its_size(tmp_path: Path) -> None:
+    joint(None, tmp_path / "v0").update(chunk(0))
+    learner = joint(tmp_path / "v0").learner
+    learner.on_model_update_start(chunk(1), None)
+    every = torch.cat([chunk(0).tensors[0], chunk(1).tensors[0]])
+    indices = torch.tensor([0, 3, 5, 13, 17, 20, 23])
+    learner.use_train_shard(indices, 3)
+    epochs = [list(learner.train_dataloader()) for _ in range(2)]
+    for batches in epochs:
+        assert [len(y) for _, y in batches] == [3, 3, 1]
+        got = torch.cat([x for x, _ in batches])
+        assert sorted(map(tuple, got.tolist())) == sorted(map(tuple, every[indices].tolist()))
+    orders = [torch.cat([x for x, _ in batches]) for batches in epochs]
+    assert not torch.equal(orders[0], every[indices]), "the shard is read in index order"
+    assert not torch.equal(orders[0], orders[1]), "every epoch reads the shard in the same order"
+
+
+def test_joint_shows_every_item_kept_so_far(tmp_path: Path) -> None:
+    fresh = joint().learner
+    assert fresh.seen_inputs is None and fresh.seen_targets is None and fresh.input_structure == ""
+    joint(None, tmp_path / "v0").update(chunk(0))
+    updater = joint(tmp_path / "v0")
+    updater.update(chunk(1))
+    learner = updater.learner
+    assert torch.equal(learner.seen_inputs, torch.cat([chunk(0).tensors[0], chunk(1).tensors[0]]))
+    assert torch.equal(learner.seen_targets, torch.cat([chunk(0).tensors[1], chunk(1).tensors[1]]))
+    assert json.loads(learner.input_structure) == "tensor"
+    assert learner.chunk_names == ["chunk_000000.safetensors", "chunk_000001.safetensors"]
+
+
+def test_a_joint_state_with_val_chunks_loads_and_continues(tmp_path: Path) -> None:
+    """Val data is kept as val_chunk_ files beside the data chunks: they are not data chunks."""
+    joint(None, tmp_path / "v0").update(chunk(0), chunk(5))
+    updater = joint(tmp_path / "v0", tmp_path / "v1")
+    assert len(updater.learner.chunks) == 1
+    updater.update(chunk(1), chunk(6))
+    assert updater.last_fit is not None and "val_accuracy" in updater.last_fit.history[-1]
+
+
+# ------------------------------------------------------------------ learner.json and the manifest
+
+
+def fake_state(files: dict[str, Any]) -> SimpleNamespace:
+    return SimpleNamespace(path=Path("state"), manifest={"files": files})
+
+
+def test_a_joint_state_without_chunks_must_record_no_structure_or_pad_values() -> None:
+    learner = joint().learner
+    learner.loaded_chunk_names, learner.loaded_structure, learner.loaded_pad_values = [], '"tensor"', ""
+    with pytest.raises(StateError, match=r"learner\.json: input_structure and pad_values must be empty without chunks"):
+        learner.attach_chunks(fake_state({}))  # type: ignore[arg-type]
+    learner.loaded_structure, learner.loaded_pad_values = "", "{}"
+    with pytest.raises(StateError, match="must be empty without chunks"):
+        learner.attach_chunks(fake_state({}))  # type: ignore[arg-type]
+    learner.loaded_pad_values = ""
+    learner.attach_chunks(fake_state({}))  # type: ignore[arg-type]
+    assert learner.chunks == []
+
+
+def test_a_manifest_listing_other_chunks_than_learner_json_is_refused() -> None:
+    learner = joint().learner
+    learner.updates_done = 1
+    learner.loaded_chunk_names = ["chunk_000000.safetensors"]
+    files = {"chunk_000000.safetensors": {}, "chunk_000001.safetensors": {}, "learner.json": {}}
+    with pytest.raises(StateError, match=r"manifest.json: the data chunk files .*chunk_000001.* differ from those of"):
+        learner.attach_chunks(fake_state(files))  # type: ignore[arg-type]
+
+
+# ------------------------------------------------------------------ chunks that do not agree
+
+
+def test_a_chunk_of_another_input_dtype_is_refused_naming_the_file(tmp_path: Path) -> None:
+    """The float64 chunk comes from a precision='64' state (a float32 model refuses float64 data)."""
+    target = two_updates(tmp_path / "a", chunk(1))
+    wide = [TensorDataset(chunk(s).tensors[0].double(), chunk(s).tensors[1]) for s in (0, 1)]
+    joint(None, tmp_path / "b" / "v0", precision="64").update(wide[0])
+    joint(tmp_path / "b" / "v0", tmp_path / "b" / "v1", precision="64").update(wide[1])
+    transplant(target, tmp_path / "b" / "v1", "chunk_000001.safetensors")
+    with pytest.raises(StateError, match=r"chunk_000001.safetensors: inputs torch.float64 \(4,\) differs from the "
+                                         r"torch.float32 \(4,\) of chunk_000000.safetensors"):  # fmt: skip
+        joint(target)
+
+
+def test_a_chunk_of_another_target_dtype_is_refused_naming_the_file(tmp_path: Path) -> None:
+    target = two_updates(tmp_path / "a", chunk(1))
+    joint(None, tmp_path / "b" / "v0").update(chunk(0, dtype=torch.uint8))
+    joint(tmp_path / "b" / "v0", tmp_path / "b" / "v1").update(chunk(1, dtype=torch.uint8))
+    transplant(target, tmp_path / "b" / "v1", "chunk_000001.safetensors")
+    with pytest.raises(StateError, match=r"chunk_000001.safetensors: torch.uint8 targets differ from the torch.int64"):
+        joint(target)
+
+
+@pytest.mark.parametrize("label", [3, 4], ids=["the first class too many", "a class further out"])
+def test_a_chunk_with_a_class_the_model_does_not_have_is_refused(label: int, tmp_path: Path) -> None:
+    target = two_updates(tmp_path / "a", chunk(1))
+    source = two_updates(tmp_path / "b", chunk(1, (0, label)), outputs=label + 1)
+    transplant(target, source, "chunk_000001.safetensors")
+    with pytest.raises(StateError, match=r"chunk_000001.safetensors: targets must lie in \[0, 2\]"):
+        joint(target)
+
+
+def test_the_chunks_of_a_joint_state_load_as_written(tmp_path: Path) -> None:
+    target = two_updates(tmp_path / "a", chunk(1, (2, 0)))
+    learner = joint(target).learner
+    loaded: list[Tensor] = [y for _, y in learner.chunks]
+    assert torch.equal(loaded[0], chunk(0).tensors[1]) and torch.equal(loaded[1], chunk(1, (2, 0)).tensors[1])
