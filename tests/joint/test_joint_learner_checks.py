@@ -45,6 +45,13 @@ def two_updates(folder: Path, second: TensorDataset, outputs: int = 3) -> Path:
     return folder / "v1"
 
 
+def trained_inputs(model: torch.nn.Module) -> list[Tensor]:
+    """The inputs of every train-mode forward of ``model`` from now on."""
+    seen: list[Tensor] = []
+    model.register_forward_hook(lambda m, args, out: seen.append(args[0].detach().clone()) if m.training else None)
+    return seen
+
+
 def transplant(target: Path, source: Path, name: str) -> None:
     """Puts ``source``'s file ``name`` (and its manifest entry) into ``target``: the checksums agree,
     so only the learner's own checks can refuse it."""
@@ -181,3 +188,44 @@ def test_the_chunks_of_a_joint_state_load_as_written(tmp_path: Path) -> None:
     learner = joint(target).learner
     loaded: list[Tensor] = [y for _, y in learner.chunks]
     assert torch.equal(loaded[0], chunk(0).tensors[1]) and torch.equal(loaded[1], chunk(1, (2, 0)).tensors[1])
+
+
+def test_joint_refuses_inputs_that_cannot_join_and_casts_targets_to_the_first_chunks(tmp_path: Path) -> None:
+    joint(None, tmp_path / "v0").update(chunk(0))
+    wide = TensorDataset(chunk(1).tensors[0].double(), chunk(1).tensors[1])
+    with pytest.raises(ValueError, match=r"raw inputs of per-item shape \(4,\) and dtype torch.float64 cannot join"):
+        joint(tmp_path / "v0").update(wide)
+    updater = joint(tmp_path / "v0", tmp_path / "v1")
+    updater.update(chunk(1, dtype=torch.uint8))
+    assert [y.dtype for _, y in updater.learner.chunks] == [torch.int64, torch.int64]
+
+
+def test_joint_trains_on_all_chunks_in_an_order_drawn_from_its_seed(tmp_path: Path) -> None:
+    joint(None, tmp_path / "v0").update(chunk(0))
+    orders = []
+    for outer in (1, 2):
+        updater = joint(tmp_path / "v0", batch_size=24)
+        seen = trained_inputs(updater.model)
+        torch.manual_seed(outer)  # the caller's global random state does not change the order
+        updater.update(chunk(1))
+        (batch,) = seen
+        orders.append(batch)
+    every = torch.cat([chunk(0).tensors[0], chunk(1).tensors[0]])
+    assert torch.equal(orders[0], orders[1])
+    assert sorted(map(tuple, orders[0].tolist())) == sorted(map(tuple, every.tolist()))
+    assert not torch.equal(orders[0], every), "the items were read in chunk order"
+
+
+@pytest.mark.parametrize(
+    ("names", "updates_done"),
+    [(["chunk_000000.safetensors"], 2), (["chunk_000001.safetensors"], 1),
+     (["chunk_000000.safetensors", "chunk_000000.safetensors"], 2)],
+    ids=["one chunk for two updates", "not numbered from 0", "a name twice"],
+)  # fmt: skip
+def test_learner_json_must_list_one_chunk_per_update_done_in_order(names: list[str], updates_done: int) -> None:
+    learner = joint().learner
+    learner.updates_done, learner.loaded_chunk_names = updates_done, names
+    files = {name: {} for name in names}
+    with pytest.raises(StateError, match=rf"chunks must be chunk_000000.safetensors \.\.\. one per update done "
+                                         rf"\({updates_done}\)"):  # fmt: skip
+        learner.attach_chunks(fake_state(files))  # type: ignore[arg-type]

@@ -407,3 +407,39 @@ def test_fold_names_the_first_non_finite_step_or_the_overflowing_sum() -> None:
     fine = [(1, torch.tensor(1.5)), (2, torch.tensor(2.0))]
     total = torch.zeros(())
     assert loop._fold(fine, total) == 3.5 and fine == [] and float(total) == 3.5
+
+
+class UsedOnce(nn.Module):
+    """A plain module whose ``extra`` bias takes part in its first training forward only."""
+
+    num_outputs = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        torch.manual_seed(0)
+        self.linear = nn.Linear(4, 3)
+        self.extra = nn.Parameter(torch.zeros(3))
+        self.training_calls = 0
+
+    def forward(self, x: Tensor) -> Tensor:
+        out = self.linear(x)
+        if self.training:
+            self.training_calls += 1
+            if self.training_calls == 1:
+                out = out + self.extra
+        return out
+
+
+def test_a_parameter_without_a_gradient_in_a_step_is_not_stepped() -> None:
+    """Gradients are reset to None, not to zero, before each step: a parameter used in the first
+    step only moves once, so momentum (which would keep moving a zero-gradient parameter) changes
+    nothing for it."""
+    moved = []
+    for momentum in (0.0, 0.9):
+        model = UsedOnce()
+        FineTuningModelUpdater(model, optimizer=functools.partial(torch.optim.SGD, lr=0.5, momentum=momentum),
+                               batch_size=4, max_epochs=1, accelerator="cpu").update(data())  # fmt: skip
+        assert model.training_calls == 3
+        moved.append(model.extra.detach().clone())
+    assert float(moved[0].abs().sum()) > 0, "the first step did not move the parameter"
+    assert torch.equal(moved[0], moved[1])
