@@ -387,3 +387,55 @@ def test_rd_signature_defaults_and_kinds() -> None:
     assert list(parameters)[:4] == ["model", "loss_fn", "optimizer", "memory_size"]
     doc = RepeatedDistillationModelUpdater.__init__.__doc__ or RepeatedDistillationModelUpdater.__doc__ or ""
     assert "epochs of the consolidation on the memory" in doc
+
+
+class _SplitStream(IterableDataset):
+    """A stream that DataLoader workers split between them: worker k of n yields items k, k + n, ..."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __iter__(self) -> Iterator[tuple[Tensor, Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        items = range(len(self.data)) if info is None else range(info.id, len(self.data), info.num_workers)
+        for i in items:
+            yield self.data[i]
+
+
+@pytest.mark.slow  # starts 2 DataLoader workers (seconds on a loaded machine)
+def test_extract_logits_reads_a_split_stream_in_the_workers_order() -> None:
+    """With 2 workers and batches of 3, the 12 items come as batches of worker 0, 1, 0, 1:
+    items 0 2 4 | 1 3 5 | 6 8 10 | 7 9 11 (one process would give 0 ... 11)."""
+    from retain.batching import LoaderOptions
+
+    data = TensorDataset(*(t[:12] for t in _task().tensors))
+    model = _mlp()
+    order = [0, 2, 4, 1, 3, 5, 6, 8, 10, 7, 9, 11]
+    with torch.no_grad():
+        expected = model(data.tensors[0][order])
+    got = extract_logits(model, _SplitStream(data), batch_size=3, loader_options=LoaderOptions(num_workers=2))
+    torch.testing.assert_close(got, expected)
+
+
+@pytest.mark.slow  # starts DataLoader workers for each pass over the stream
+def test_rd_gives_each_item_of_a_split_stream_its_own_expert_logits(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The expert's logits are read with the update's workers, as the memory writes are: the logits
+    stored with each item are the expert's logits of that item."""
+    updater = _updater(memory_size=N, max_epochs=1, consolidation_epochs=1, num_workers=2)
+    experts: list[nn.Module] = []
+    real_train = updater.train_expert
+    monkeypatch.setattr(updater, "train_expert", lambda *a, **k: experts.append(real_train(*a, **k)) or experts[-1])
+    added: list[tuple[Tensor, Tensor]] = []
+    real_add = updater.learner.memory.add
+
+    def spy_add(inputs: Tensor, targets: Tensor, metadata: dict[str, Tensor]) -> Any:
+        added.append((inputs.clone(), metadata["logits"].clone()))
+        return real_add(inputs, targets, metadata)
+
+    monkeypatch.setattr(updater.learner.memory, "add", spy_add)
+    updater.update(_SplitStream(_task()))
+    inputs = torch.cat([x for x, _ in added])
+    logits = torch.cat([z for _, z in added])
+    assert inputs.shape[0] == N and not torch.equal(inputs, _task().tensors[0]), "not read in the workers' order"
+    with torch.no_grad():
+        torch.testing.assert_close(logits, experts[0](inputs))
