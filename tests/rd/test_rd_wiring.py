@@ -439,3 +439,14 @@ def test_rd_gives_each_item_of_a_split_stream_its_own_expert_logits(monkeypatch:
     assert inputs.shape[0] == N and not torch.equal(inputs, _task().tensors[0]), "not read in the workers' order"
     with torch.no_grad():
         torch.testing.assert_close(logits, experts[0](inputs))
+
+
+def test_rd_does_not_warn_while_one_task_id_is_used() -> None:
+    import warnings
+
+    updater = _updater(consolidation_epochs=1)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        updater.update(_task(), task_id="a")
+        updater.update(_task(11), task_id="a")
+    assert updater.learner.task_ids_seen == ["a"]
