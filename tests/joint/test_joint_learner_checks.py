@@ -229,3 +229,22 @@ def test_learner_json_must_list_one_chunk_per_update_done_in_order(names: list[s
     with pytest.raises(StateError, match=rf"chunks must be chunk_000000.safetensors \.\.\. one per update done "
                                          rf"\({updates_done}\)"):  # fmt: skip
         learner.attach_chunks(fake_state(files))  # type: ignore[arg-type]
+
+
+def test_joint_keeps_the_items_as_its_train_collate_function_makes_them(map_dataset: type, tmp_path: Path) -> None:
+    def shifted(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        return torch.stack([x for x, _ in items]) + 1.0, torch.stack([y for _, y in items])
+
+    data = chunk(0)
+    updater = joint(None, tmp_path / "v0")
+    updater.update(map_dataset(*data.tensors), train_dataset_collate_fn=shifted)
+    ((inputs, targets),) = updater.learner.chunks
+    assert torch.equal(inputs, data.tensors[0] + 1.0) and torch.equal(targets, data.tensors[1])
+
+
+def test_joint_hashes_input_chunks_in_the_background_only_without_in_progress_checkpoints(tmp_path: Path) -> None:
+    assert joint()._defer_mapped_verification() is True
+    assert joint(checkpoint_every_n_epochs=1, output_state=tmp_path / "out")._defer_mapped_verification() is False
+    sequential = joint()
+    sequential.verify_chunks_in_background = False
+    assert sequential._defer_mapped_verification() is False
