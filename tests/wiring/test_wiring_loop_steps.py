@@ -287,13 +287,18 @@ def test_a_resume_without_metric_drops_a_stale_best_state() -> None:
     assert learner.best_state is None and float(flat(learner.model).abs().sum()) > 0
 
 
-def test_a_resume_with_metric_keeps_the_best_state_it_carries(monkeypatch: pytest.MonkeyPatch) -> None:
-    """The resumed history's best (val_loss 1.0) is not beaten by the epoch left (5.0): the weights
-    carried in ``best_state`` are restored."""
+@pytest.mark.parametrize("start_epoch", [1, 2])
+def test_a_resume_with_metric_keeps_the_best_state_it_carries(
+    start_epoch: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The resumed history's best (val_loss 1.0, epoch 0) is not beaten by the epochs left (5.0):
+    the weights carried in ``best_state`` are restored."""
     learner = started_learner(max_epochs=3, metric="val_loss")
     learner.best_state = {f"model.{k}": torch.zeros_like(v) for k, v in learner.model.state_dict().items()}
-    scripted(monkeypatch, [5.0])
-    fit(learner, start_epoch=2, history=[{"epoch": 0.0, "val_loss": 1.0}, {"epoch": 1.0, "val_loss": 2.0}])
+    scripted(monkeypatch, [5.0, 5.0])
+    earlier = [{"epoch": 0.0, "val_loss": 1.0}, {"epoch": 1.0, "val_loss": 2.0}][:start_epoch]
+    result = fit(learner, start_epoch=start_epoch, history=earlier)
+    assert result.epochs == 3 and len(result.history) == 3
     assert float(flat(learner.model).abs().sum()) == 0.0
 
 
