@@ -248,3 +248,22 @@ def test_joint_hashes_input_chunks_in_the_background_only_without_in_progress_ch
     sequential = joint()
     sequential.verify_chunks_in_background = False
     assert sequential._defer_mapped_verification() is False
+
+
+def test_joint_pads_the_reading_batches_of_one_update_with_the_pad_values(tmp_path: Path) -> None:
+    """The new data is read in batches of 512 items, each padded by the collate function to its own
+    longest item; joining them pads the shorter batches with ``pad_values`` (PAD), not with 0."""
+    from padded_sequences import PAD, MaskedMean, pad_collate
+
+    g = torch.Generator().manual_seed(0)
+    lengths = [9] + [3] * 599  # only the first batch of 512 reaches length 9
+    items = [{"input_ids": torch.randint(8, 40, (n,), generator=g), "labels": i % 2} for i, n in enumerate(lengths)]
+    torch.manual_seed(0)
+    updater = JointModelUpdater(MaskedMean(2), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=600,
+                                max_epochs=1, accelerator="cpu", pad_values={"input_ids": PAD})  # fmt: skip
+    updater.update(items, train_dataset_collate_fn=pad_collate)
+    ((inputs, _),) = updater.learner.chunks
+    ids = inputs["input_ids"]
+    assert ids.shape == (600, 9)
+    assert bool((ids[512:, 3:] == PAD).all()), "the second batch was not padded with the pad value"
+    assert bool((inputs["attention_mask"][512:, 3:] == 0).all())
