@@ -267,3 +267,16 @@ def test_joint_pads_the_reading_batches_of_one_update_with_the_pad_values(tmp_pa
     assert ids.shape == (600, 9)
     assert bool((ids[512:, 3:] == PAD).all()), "the second batch was not padded with the pad value"
     assert bool((inputs["attention_mask"][512:, 3:] == 0).all())
+
+
+def test_learner_json_must_record_a_valid_structure_and_the_updates_pad_values() -> None:
+    learner = joint().learner
+    learner.updates_done, learner.loaded_chunk_names = 1, ["chunk_000000.safetensors"]
+    state = fake_state({"chunk_000000.safetensors": {}})
+    learner.loaded_structure, learner.loaded_pad_values = '"bogus"', "{}"
+    with pytest.raises(StateError, match=r"learner\.json: input_structure: nested structure: unknown node 'bogus'"):
+        learner.attach_chunks(state)  # type: ignore[arg-type]
+    learner.loaded_structure, learner.loaded_pad_values = '"tensor"', '{"tokens": 1.0}'
+    padded = r"the chunks were padded with pad_values \{\"tokens\": 1\.0\}, this update pads with \{\}"
+    with pytest.raises(StateError, match=padded):
+        learner.attach_chunks(state)  # type: ignore[arg-type]
