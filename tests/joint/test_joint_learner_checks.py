@@ -280,3 +280,15 @@ def test_learner_json_must_record_a_valid_structure_and_the_updates_pad_values()
     padded = r"the chunks were padded with pad_values \{\"tokens\": 1\.0\}, this update pads with \{\}"
     with pytest.raises(StateError, match=padded):
         learner.attach_chunks(state)  # type: ignore[arg-type]
+
+
+def test_a_second_state_of_the_same_update_hard_links_its_data_and_val_chunks(tmp_path: Path) -> None:
+    """Once written, the chunk files (data and val) are recorded, so a later state of the same
+    updater links them instead of writing them again."""
+    updater = joint(None, tmp_path / "v0")
+    updater.update(chunk(0), chunk(5))
+    updater.save_state(tmp_path / "copy")
+    names = sorted(p.name for p in (tmp_path / "v0").iterdir() if p.name.startswith(("chunk_", "val_chunk_")))
+    assert any(n.startswith("val_chunk_") for n in names) and "chunk_000000.safetensors" in names
+    for name in names:
+        assert (tmp_path / "copy" / name).stat().st_ino == (tmp_path / "v0" / name).stat().st_ino, name
