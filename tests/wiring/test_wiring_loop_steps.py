@@ -448,3 +448,27 @@ def test_a_parameter_without_a_gradient_in_a_step_is_not_stepped() -> None:
         moved.append(model.extra.detach().clone())
     assert float(moved[0].abs().sum()) > 0, "the first step did not move the parameter"
     assert torch.equal(moved[0], moved[1])
+
+
+def test_the_batch_end_hook_gets_the_steps_loss_batch_and_index(monkeypatch: pytest.MonkeyPatch) -> None:
+    """``on_train_batch_end(outputs, batch, batch_idx)``, the hook a learner subclass overrides, gets
+    the step's loss, the batch training_step got, and the batch's index within the epoch."""
+    steps: list[tuple[Tensor, Any, int]] = []
+    ends: list[tuple[Tensor, Any, int]] = []
+    real_step, real_end = Learner.training_step, Learner.on_train_batch_end
+
+    def spy_step(self: Learner, batch: Any, batch_idx: int) -> Tensor:
+        loss = real_step(self, batch, batch_idx)
+        steps.append((loss, batch, batch_idx))
+        return loss
+
+    def spy_end(self: Learner, outputs: Tensor, batch: Any, batch_idx: int) -> None:
+        ends.append((outputs, batch, batch_idx))
+        real_end(self, outputs, batch, batch_idx)
+
+    monkeypatch.setattr(Learner, "training_step", spy_step)
+    monkeypatch.setattr(Learner, "on_train_batch_end", spy_end)
+    finetune().update(data())
+    assert [i for _, _, i in ends] == [0, 1, 2, 3, 4, 5] * 2
+    for (loss, batch, _), (outputs, got, _) in zip(steps, ends, strict=True):
+        assert outputs is loss and got is batch
