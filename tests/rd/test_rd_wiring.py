@@ -402,7 +402,6 @@ class _SplitStream(IterableDataset):
             yield self.data[i]
 
 
-@pytest.mark.slow  # starts 2 DataLoader workers (seconds on a loaded machine)
 def test_extract_logits_reads_a_split_stream_in_the_workers_order() -> None:
     """With 2 workers and batches of 3, the 12 items come as batches of worker 0, 1, 0, 1:
     items 0 2 4 | 1 3 5 | 6 8 10 | 7 9 11 (one process would give 0 ... 11)."""
@@ -417,7 +416,6 @@ def test_extract_logits_reads_a_split_stream_in_the_workers_order() -> None:
     torch.testing.assert_close(got, expected)
 
 
-@pytest.mark.slow  # starts DataLoader workers for each pass over the stream
 def test_rd_gives_each_item_of_a_split_stream_its_own_expert_logits(monkeypatch: pytest.MonkeyPatch) -> None:
     """The expert's logits are read with the update's workers, as the memory writes are: the logits
     stored with each item are the expert's logits of that item."""
