@@ -704,9 +704,10 @@ def main(argv: list[str] | None = None) -> int:
         ignore = shutil.ignore_patterns("__pycache__", "*.egg-info", ".hypothesis")
         shutil.copytree(src_root, src_copy, ignore=ignore)
         shutil.copytree(ROOT / "tests", run_root / "tests", ignore=ignore)
-        for extra in ("examples", "tools"):  # configs and scripts that tests run
+        for extra in ("examples", "tools", "benchmarks"):  # configs, scripts and documents that tests read or run
             shutil.copytree(ROOT / extra, run_root / extra, ignore=ignore)
-        shutil.copy2(ROOT / "pyproject.toml", run_root / "pyproject.toml")
+        for name in ("pyproject.toml", "README.md", "Makefile"):  # the README's commands are tested
+            shutil.copy2(ROOT / name, run_root / name)
         for module in args.module:
             mutants = enumerate_mutants(module, src_root)
             if args.kinds:

@@ -239,3 +239,39 @@ def test_a_rank_trains_with_the_train_collate_function_it_was_given(one_rank_gro
     updater.update(_Records(_train(8)), train_dataset_collate_fn=collate, task_id="t1")
     assert calls and sum(calls) >= 8  # every training item went through it
     assert StateFolder(tmp_path / "out").json("memory.json")["seen"] == 8
+
+
+def test_a_rank_trains_with_deterministic_algorithms_when_asked(
+    one_rank_group: None, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``deterministic_trainer=True`` reaches a rank's training steps (and is undone afterwards)."""
+    seen: list[bool] = []
+    real_forward = MultiLayerPerceptron.forward
+
+    def forward(self: MultiLayerPerceptron, *args: object, **kwargs: object) -> torch.Tensor:
+        seen.append(torch.are_deterministic_algorithms_enabled())
+        return real_forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(MultiLayerPerceptron, "forward", forward)
+    before = torch.are_deterministic_algorithms_enabled()
+    _er_updater(tmp_path, deterministic_trainer=True).update(_train(), task_id="t1")
+    assert seen and all(seen), seen
+    assert torch.are_deterministic_algorithms_enabled() == before
+    seen.clear()
+    _er_updater(tmp_path / "again").update(_train(), task_id="t1")
+    assert seen and all(flag == before for flag in seen), seen  # off: the process's own setting
+
+
+def test_shutdown_counts_this_rank_in_the_groups_store_before_leaving(tmp_path: Path) -> None:
+    """Each rank adds 1 to ``retain_group_destroyed`` in the store and waits for all W: the
+    count the other ranks wait on (with W = 1 the wait ends at once, so the count is what shows)."""
+    from retain.updaters.distributed import shutdown_process_group
+
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path}/store", rank=0, world_size=1)
+    store = dist.distributed_c10d._get_default_store()  # the store shutdown_process_group counts in
+    try:
+        assert shutdown_process_group(timeout_s=10.0) is True
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+    assert store.add("retain_group_destroyed", 0) == 1

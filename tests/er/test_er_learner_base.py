@@ -421,3 +421,33 @@ def test_the_learner_checkpoint_restores_counters_task_ids_generator_and_best_ep
     assert not any(k.startswith("best_state.") for k in plain["tensors"])
     loaded.on_load_checkpoint(plain)
     assert loaded.best_state is None
+
+
+class _Items(torch.utils.data.Dataset):
+    """A map-style dataset that is not a TensorDataset (read through a DataLoader)."""
+
+    def __init__(self, data: TensorDataset) -> None:
+        self.data = data
+
+    def __len__(self) -> int:
+        return len(self.data)
+
+    def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
+        return self.data[i]
+
+
+def test_a_ranks_shard_keeps_the_collate_function_and_loader_options_of_the_train_data() -> None:
+    """``use_train_shard`` (what a DDP rank trains on) reads its items as the whole train data
+    would: same collate function, same DataLoader settings (workers, pinning), same name in errors."""
+    from retain.batching import LoaderOptions
+
+    def collate(items: list[tuple[Tensor, Tensor]]) -> tuple[Tensor, Tensor]:
+        return torch.stack([x for x, _ in items]), torch.stack([y for _, y in items])
+
+    learner = Learner(mlp(), optimizer=SGD, batch_size=4, num_workers=2, persistent_workers=False)
+    learner.on_model_update_start(_Items(blobs(12)), None, train_dataset_collate_fn=collate)
+    learner.use_train_shard(torch.tensor([0, 3, 5, 7]), 2)
+    shard = learner.train_dataloader()
+    assert shard.loader_options == LoaderOptions(2, False, False)
+    assert shard.collate_fn is collate and shard.where == "train_dataset"
+    assert len(shard.dataset) == 4 and shard.batch_size == 2

@@ -105,6 +105,24 @@ def test_a_chunk_whose_leaf_and_targets_differ_in_length_is_refused(tmp_path: Pa
 
 
 # ------------------------------------------------------------------------------ ChunkedDataset
+def test_a_chunk_of_one_value_per_item_maps_and_a_leaf_without_an_item_axis_is_refused(tmp_path: Path) -> None:
+    """A 1-D leaf (one value per item, e.g. a length) is a valid chunk; a 0-D one has no items."""
+    from retain.state import StateError
+
+    path = tmp_path / "chunk_000000.safetensors"
+    header = {"targets": {"dtype": "I64", "shape": [2], "data_offsets": [0, 16]},
+              "inputs": {"dtype": "F32", "shape": [2], "data_offsets": [16, 24]}}  # fmt: skip
+    _raw_safetensors(path, header, torch.tensor([1, 0]).numpy().tobytes() + torch.tensor([0.5, 2.0]).numpy().tobytes())
+    x, y = map_chunk(_linked(path))
+    assert x.tolist() == [0.5, 2.0] and y.tolist() == [1, 0]
+    scalar = tmp_path / "chunk_000001.safetensors"
+    header = {"targets": {"dtype": "I64", "shape": [1], "data_offsets": [0, 8]},
+              "inputs": {"dtype": "F32", "shape": [], "data_offsets": [8, 12]}}  # fmt: skip
+    _raw_safetensors(scalar, header, b"\0" * 12)
+    with pytest.raises(StateError, match=r"inputs \(\) and targets \(1,\) differ in length"):
+        map_chunk(_linked(scalar))
+
+
 def _chunks() -> list[tuple[torch.Tensor, torch.Tensor]]:
     return [
         (torch.arange(6.0).view(3, 2), torch.tensor([0, 1, 2])),

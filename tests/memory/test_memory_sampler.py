@@ -176,3 +176,24 @@ def test_drawing_no_item_or_every_item_is_allowed_and_more_is_refused() -> None:
     assert sorted(sample_without_replacement(10, 10, g).tolist()) == list(range(10))
     with pytest.raises(ValueError, match="cannot draw 11 distinct items out of 10"):
         sample_without_replacement(10, 11, g)
+
+
+def test_a_whole_permutation_draws_below_floyd_min_items_and_floyd_from_it_on(monkeypatch: pytest.MonkeyPatch) -> None:
+    """The documented switch: ``randperm(n)`` for n < FLOYD_MIN_ITEMS (and k == n), Floyd's
+    O(k) draw from FLOYD_MIN_ITEMS items on (its only randperm is of the k drawn)."""
+    sizes: list[int] = []
+    real = torch.randperm
+
+    def randperm(n: int, *args: object, **kwargs: object) -> torch.Tensor:
+        sizes.append(n)
+        return real(n, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "randperm", randperm)
+    g = torch.Generator().manual_seed(0)
+    limit = memory_module.FLOYD_MIN_ITEMS
+    assert limit == 16_384
+    for n, k, expected in [(limit - 1, 5, [limit - 1]), (limit, 5, [5]), (limit, limit, [limit]), (10**6, 3, [3])]:
+        sizes.clear()
+        drawn = memory_module.sample_without_replacement(n, k, g)
+        assert sizes == expected, (n, k, sizes)
+        assert drawn.shape == (k,) and len(set(drawn.tolist())) == k and int(drawn.min()) >= 0 and int(drawn.max()) < n

@@ -448,3 +448,4 @@ def test_rd_does_not_warn_while_one_task_id_is_used() -> None:
         updater.update(_task(), task_id="a")
         updater.update(_task(11), task_id="a")
     assert updater.learner.task_ids_seen == ["a"]
+

@@ -329,3 +329,34 @@ def test_write_state_refuses_file_names_that_are_not_plain_state_files(tmp_path:
     with pytest.raises(ValueError, match="invalid state file name"):
         write_state(tmp_path / "s", manifest, {name: {}}, {})
     assert not (tmp_path / "s").exists() and list(tmp_path.iterdir()) == []
+
+
+def test_the_output_lock_used_as_a_context_manager_is_released_when_the_block_ends(tmp_path: Path) -> None:
+    from retain.state import StateLockedError
+
+    with OutputLock(tmp_path / "out") as lock:
+        assert lock.held
+        with pytest.raises(StateLockedError, match=r"^another update is writing the state folder .*out \(lock"):
+            OutputLock(tmp_path / "out").acquire()
+    assert not lock.held and not (tmp_path / ".out.lock").exists()
+    OutputLock(tmp_path / "out").acquire().release()  # free for the next writer
+
+
+def test_a_stale_temporary_that_cannot_be_removed_does_not_stop_the_next_writer(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Cleaning up after a killed writer is best effort: a leftover folder the OS refuses to remove
+    (here its rmdir fails) is emptied as far as possible and left, without an error."""
+    stale = tmp_path / ".out.tmp-12345-0123abcd"
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
+    real_rmdir = os.rmdir
+
+    def rmdir(path: str | os.PathLike, *args: object, **kwargs: object) -> None:
+        if ".tmp-" in str(path):
+            raise PermissionError(13, "Permission denied", str(path))
+        real_rmdir(path, *args, **kwargs)
+
+    monkeypatch.setattr(os, "rmdir", rmdir)
+    remove_stale_temporaries(tmp_path / "out")
+    assert stale.is_dir() and not (stale / "model.safetensors").exists()
