@@ -28,8 +28,9 @@ def test_task_incremental_benchmark_runs_end_to_end(tmp_path: Path, capsys: pyte
 def test_method_help_shows_the_defaults_that_run_and_what_each_option_does(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["benchmark", "--method", "derpp", "--help"])
+    assert info.value.code == 0  # help is not an error
     text = capsys.readouterr().out
     assert _help_of(text, "--batch-size").startswith("items per optimizer step")
     assert _help_of(text, "--batch-size").endswith("(default: 10, the digits recipe)")  # not the 32 of the API
@@ -50,8 +51,9 @@ def _help_of(text: str, flag: str) -> str:
 
 
 def test_help_for_mnist_shows_its_recipe(capsys: pytest.CaptureFixture[str]) -> None:
-    with pytest.raises(SystemExit):
+    with pytest.raises(SystemExit) as info:
         main(["benchmark", "--method", "er", "--dataset", "mnist", "--help"])
+    assert info.value.code == 0
     text = capsys.readouterr().out
     assert _help_of(text, "--max-epochs").endswith("(default: 1, the mnist recipe)")
     assert _help_of(text, "--memory-size").endswith("(default: 500, the mnist recipe)")
