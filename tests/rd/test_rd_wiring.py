@@ -17,6 +17,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, IterableDataset, TensorDataset
 
 import retain.methods.repeated_distill as rd
+from fake_terminal import Terminal
 from retain.learners.base import Learner
 from retain.memory import ReservoirMemory
 from retain.methods.repeated_distill import (
@@ -351,23 +352,8 @@ def test_rd_checks_the_validation_options_before_the_expert_trains(monkeypatch: 
         updater.update(_task())
 
 
-class _Terminal:
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return True
-
-
 def test_rd_progress_bars_name_the_expert_and_the_consolidation(monkeypatch: pytest.MonkeyPatch) -> None:
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr(sys, "stderr", terminal)
     _updater(progress_bar=True).update(_task())
     assert "RepeatedDistillationModelUpdater expert default_task epoch 2/2" in terminal.text, terminal.text

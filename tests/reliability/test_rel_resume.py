@@ -22,6 +22,7 @@ from retain import MultiLayerPerceptron
 from retain.checkpoint import ResumeCheckpointer, flatten_tree, resume_folder, unflatten_tree
 from retain.methods import RepeatedDistillationModelUpdater
 from retain.state import StateError
+from state_edits import rewrite_state
 
 ITEMS, BATCH_NEW = 64, 8  # DER-family: batch 16 = 8 new + 8 memory items
 
@@ -289,20 +290,6 @@ def _checkpoint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> tuple[dict[s
     return job, resume_folder(tmp_path / "out")
 
 
-def _rewrite(folder: Path, **edits: Any) -> None:
-    """Rewrites the checkpoint with JSON files replaced (valid checksums: a hand edit, not corruption)."""
-    from retain.state import StateFolder, write_state
-
-    state = StateFolder(folder)
-    manifest = {k: v for k, v in state.manifest.items() if k not in ("format", "format_version", "files")}
-    names = list(state.manifest["files"])
-    json_files = {n: state.json(n) for n in names if n.endswith(".json")}
-    tensor_files = {n: state.tensors(n) for n in names if n.endswith(".safetensors")}
-    for name, edit in edits.items():
-        json_files[name.replace("_", ".")] = edit(json_files[name.replace("_", ".")])
-    write_state(folder, manifest, json_files, tensor_files)
-
-
 def test_an_unedited_checkpoint_resumes_and_says_so(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -311,7 +298,7 @@ def test_an_unedited_checkpoint_resumes_and_says_so(
     import logging
 
     job, folder = _checkpoint(tmp_path, monkeypatch)
-    _rewrite(folder)
+    rewrite_state(folder)
     stale = tmp_path / f".{folder.name}.tmp-12345-0123abcd"
     stale.mkdir()
     (stale / "x").write_text("left by a killed writer")
@@ -335,7 +322,7 @@ def test_a_checkpoint_of_another_format_or_update_is_ignored_with_a_warning(
     resume: Any, message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job, folder = _checkpoint(tmp_path, monkeypatch)
-    _rewrite(folder, resume_json=resume)
+    rewrite_state(folder, resume_json=resume)
     restore = ResumeCheckpointer.restore
     left: list[bool] = []
 
@@ -374,7 +361,7 @@ def test_a_matching_checkpoint_edited_by_hand_is_refused_naming_the_file(
     edits: dict[str, Any], message: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     job, folder = _checkpoint(tmp_path, monkeypatch)
-    _rewrite(folder, **edits)
+    rewrite_state(folder, **edits)
     with pytest.raises(StateError, match=message) as raised:
         _update(job)
     if "resume_json" not in edits:

@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
+from fake_terminal import Terminal
 from retain import MultiLayerPerceptron
 from retain.learners import components as comp
 from retain.methods import (
@@ -218,28 +219,11 @@ def test_the_fit_summary_is_json_and_rebuilds_the_fit_result() -> None:
     assert rebuilt.optimization is None
 
 
-class _Terminal:
-    """A stderr that says it is a terminal, so a progress bar left to tqdm's default draws into it."""
-
-    def __init__(self) -> None:
-        self.text = ""
-
-    def write(self, text: str) -> int:
-        self.text += text
-        return len(text)
-
-    def flush(self) -> None:
-        pass
-
-    def isatty(self) -> bool:
-        return True
-
-
 @pytest.mark.parametrize("progress_bar", [True, False])
 def test_the_progress_bar_option_draws_one_bar_per_epoch_on_a_terminal(
     progress_bar: bool, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    terminal = _Terminal()
+    terminal = Terminal()
     monkeypatch.setattr("sys.stderr", terminal)
     FineTuningModelUpdater(
         mlp(), optimizer=functools.partial(torch.optim.SGD, lr=0.1), batch_size=BATCH, max_epochs=2,

@@ -14,11 +14,10 @@ from typing import Any
 
 import pytest
 import torch
+from test_wiring_loop import ITEMS, data, mlp
 from torch import Tensor, nn
-from torch.utils.data import TensorDataset
 
 import retain.updaters.loop as loop
-from retain import MultiLayerPerceptron
 from retain.learners.base import Learner
 from retain.methods import FineTuningModelUpdater
 from retain.updaters.loop import (
@@ -31,18 +30,6 @@ from retain.updaters.loop import (
     stops_early,
     validate,
 )
-
-ITEMS = 12
-
-
-def data(seed: int = 0) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    return TensorDataset(torch.randn(ITEMS, 4, generator=g), torch.arange(ITEMS) % 3)
-
-
-def mlp() -> MultiLayerPerceptron:
-    torch.manual_seed(0)
-    return MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=(8,))
 
 
 def finetune(model: nn.Module | None = None, lr: float = 0.1, **options: Any) -> FineTuningModelUpdater:

@@ -27,6 +27,7 @@ from torch.utils.data import TensorDataset
 
 from retain import MultiLayerPerceptron
 from retain.methods import DarkExperienceReplayModelUpdater
+from state_edits import rewrite_state
 
 pytestmark = pytest.mark.skipif(not Path("/proc/self/fd").is_dir(), reason="needs /proc/self/fd (Linux)")
 
@@ -236,23 +237,6 @@ def test_a_state_with_task_heads_loads_into_a_fresh_model(tmp_path: Path) -> Non
 
 
 # ------------------------------------------------------------------ the updater around the state
-def _rewrite_state(folder: Path, manifest_edit: Any = None, **edits: Any) -> None:
-    """Rewrites a state folder with JSON files (``learner_json=fn``), tensor files (``learner_safetensors=fn``)
-    or the manifest edited, checksums valid (a hand edit, not corruption)."""
-    from retain.state import StateFolder, write_state
-
-    state = StateFolder(folder)
-    manifest = {k: v for k, v in state.manifest.items() if k not in ("format", "format_version", "files")}
-    names = list(state.manifest["files"])
-    json_files = {n: state.json(n) for n in names if n.endswith(".json")}
-    tensor_files = {n: state.tensors(n) for n in names if n.endswith(".safetensors")}
-    for key, edit in edits.items():
-        name = key.replace("_", ".")
-        files = json_files if name.endswith(".json") else tensor_files
-        files[name] = edit(files[name])
-    write_state(folder, manifest_edit(manifest) if manifest_edit else manifest, json_files, tensor_files)
-
-
 def _updater(input_state: Path | None = None, output: Path | None = None, model: Any = None,
              **options: Any) -> DarkExperienceReplayModelUpdater:  # fmt: skip
     torch.manual_seed(0)
@@ -461,7 +445,7 @@ def _edited(saved_state: Path, tmp_path: Path, manifest_edit: Any = None, **edit
 
     folder = tmp_path / "edited"
     shutil.copytree(saved_state, folder)
-    _rewrite_state(folder, manifest_edit, **edits)
+    rewrite_state(folder, manifest_edit, **edits)
     return folder
 
 
