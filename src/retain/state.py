@@ -418,6 +418,15 @@ def _stream_digest(f: BinaryIO, keep: bool = False) -> tuple[str, bytes | None]:
     return h.hexdigest(), b"".join(kept) if keep else None
 
 
+def _check_size(path: Path, entry: dict[str, Any], size: int) -> None:
+    """Refuses a state file whose size is not the manifest's (before reading any of it)."""
+    if size != entry["bytes"]:
+        raise StateError(
+            f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
+            "the file is truncated, corrupt or was edited"
+        )
+
+
 def _mapped_identity(path: Path, entry: dict[str, Any]) -> tuple[int, int, int, int]:
     """Checks a mapped file's type and size against the manifest from its ``lstat`` (a symlink is
     refused, nothing is opened); its identity. Whoever opens it later compares this identity."""
@@ -426,11 +435,7 @@ def _mapped_identity(path: Path, entry: dict[str, Any]) -> tuple[int, int, int, 
         raise StateError(f"{path}: must be a regular file, not a symbolic link")
     if not stat.S_ISREG(info.st_mode):
         raise StateError(f"{path}: must be a regular file")
-    if info.st_size != entry["bytes"]:
-        raise StateError(
-            f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {info.st_size}); "
-            "the file is truncated, corrupt or was edited"
-        )
+    _check_size(path, entry, info.st_size)
     return file_identity(info)
 
 
@@ -982,11 +987,7 @@ class StateFolder:
                 continue
             f, size = _open_regular(path)
             with f:
-                if size != entry["bytes"]:
-                    raise StateError(
-                        f"{path}: size mismatch (the manifest says {entry['bytes']} bytes, the file has {size}); "
-                        "the file is truncated, corrupt or was edited"
-                    )
+                _check_size(path, entry, size)
                 if name.endswith(".json") and size > MAX_JSON_BYTES:
                     raise StateError(f"{path}: larger than {MAX_JSON_BYTES} bytes, not a state JSON file")
                 digest, kept = _stream_digest(f, keep=name.endswith(".json"))

@@ -266,11 +266,9 @@ class JointLearner(Learner):
         # the targets are small: read now, right after the checksums, in one copy, and checked once
         if chunks:
             targets = torch.cat([y for _, y in chunks])
-            if targets.numel() and num_classes:
-                low, high = (int(v) for v in torch.aminmax(targets))
-                if low < 0 or high >= num_classes:
-                    bad = next(s for (_, y), s in zip(chunks, sources, strict=True) if _outside(y, num_classes))
-                    raise StateError(f"{bad.path}: targets must lie in [0, {num_classes - 1}]")
+            if num_classes and _outside(targets, num_classes):  # then name the first chunk that is
+                bad = next(s for (_, y), s in zip(chunks, sources, strict=True) if _outside(y, num_classes))
+                raise StateError(f"{bad.path}: targets must lie in [0, {num_classes - 1}]")
             ys = torch.split(targets, [len(y) for _, y in chunks])
             chunks = [(x, y) for (x, _), y in zip(chunks, ys, strict=True)]
         self.chunks = chunks
