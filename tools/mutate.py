@@ -42,6 +42,7 @@ from __future__ import annotations
 import argparse
 import ast
 import copy
+import functools
 import hashlib
 import json
 import os
@@ -291,6 +292,14 @@ class _Replace(ast.NodeTransformer):
         return self.generic_visit(node)
 
 
+@functools.lru_cache(maxsize=4)
+def _walked(source: str) -> tuple[list[ast.AST], dict[int, ast.AST]]:
+    """The nodes of ``source`` in ``ast.walk`` order (what ``Mutant.index`` counts) and each node's parent,
+    parsed once per module source for all of its mutants (the nodes stay alive with the cache entry)."""
+    tree = ast.parse(source)
+    return list(ast.walk(tree)), _parents(tree)
+
+
 def _parents(tree: ast.AST) -> dict[int, ast.AST]:
     out = {}
     for node in ast.walk(tree):
@@ -514,9 +523,8 @@ def mutant_lines(mutant: Mutant, src_root: Path) -> tuple[set[int], bool]:
     """The lines of the mutated node (``lineno..end_lineno``) plus the first line of its statement (tracers may
     report a multi-line statement on its first line only), and whether the node runs only at import time
     (outside any function or lambda body: module and class bodies, decorators, default values)."""
-    tree = ast.parse((src_root / mutant.module).read_text())
-    node = next(n for i, n in enumerate(ast.walk(tree)) if i == mutant.index)
-    parents = _parents(tree)
+    nodes, parents = _walked((src_root / mutant.module).read_text())
+    node = nodes[mutant.index]
     lines = set(range(node.lineno, (node.end_lineno or node.lineno) + 1))
     import_time, child, up = True, node, parents.get(id(node))
     statement = node if isinstance(node, ast.stmt) else None
@@ -537,7 +545,7 @@ def select_tests(mutant: Mutant, covmap: CoverageMap | None, src_root: Path,
                  test_map: dict[str, list[str]] | None = None) -> Selection:
     """The tests to run for ``mutant``: with a map, every test that executed a line of the mutated node; the
     module's TEST_MAP files without a map, for import-time code and for lines no test executed in-process."""
-    fallback = [t for t in (TEST_MAP if test_map is None else test_map).get(mutant.module, [])]
+    fallback = list((TEST_MAP if test_map is None else test_map).get(mutant.module, []))
     if covmap is None:
         return Selection(fallback, "test map")
     lines, import_time = mutant_lines(mutant, src_root)
