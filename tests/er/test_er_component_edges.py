@@ -9,7 +9,8 @@ import re
 
 import pytest
 import torch
-from torch import Tensor, nn
+from test_er_components import memory_batch
+from torch import nn
 
 from retain.learners.base import new_checkpoint
 from retain.learners.components import (
@@ -23,12 +24,7 @@ from retain.learners.components import (
     pod_memory_vector,
     pod_pool,
 )
-from retain.memory import MemoryBatch
 from retain.models import MultiLayerPerceptron
-
-
-def memory_batch(inputs: Tensor, targets: Tensor, **metadata: Tensor) -> MemoryBatch:
-    return MemoryBatch(torch.arange(inputs.shape[0]), inputs, targets, dict(metadata))
 
 
 def test_feature_names_number_the_intermediate_representations() -> None:

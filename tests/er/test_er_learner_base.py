@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_er_learners import mlp
 from torch import Tensor, nn
 from torch.utils.data import TensorDataset
 
-from retain import MultiLayerPerceptron
 from retain.learners.base import Learner, ReplayLearner, _cast_floating_inputs, check_joinable, use_float64
 from retain.methods import (
     CLSExperienceReplayModelUpdater,
@@ -27,11 +27,6 @@ from retain.options import TrainingOptions
 from retain.updaters import loop
 
 SGD = functools.partial(torch.optim.SGD, lr=0.05)
-
-
-def mlp(seed: int = 0, hidden: tuple[int, ...] = (8,)) -> MultiLayerPerceptron:
-    torch.manual_seed(seed)
-    return MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=hidden)
 
 
 def blobs(n: int, seed: int = 0, classes: tuple[int, ...] = (0, 1, 2)) -> TensorDataset:

@@ -14,6 +14,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from test_er_learner_base import blobs
+from test_er_learners import mlp
 from torch import Tensor
 from torch.utils.data import TensorDataset
 
@@ -27,20 +29,8 @@ from retain.methods.er import (
     SuperExperienceReplayLearner,
     join_batches,
 )
-from retain.models import MultiLayerPerceptron
 
 SGD = functools.partial(torch.optim.SGD, lr=0.1)
-
-
-def mlp(seed: int = 0, hidden: tuple[int, ...] = (8,)) -> MultiLayerPerceptron:
-    torch.manual_seed(seed)
-    return MultiLayerPerceptron(num_inputs=4, num_outputs=3, hidden_sizes=hidden)
-
-
-def make_data(n: int, seed: int, classes: tuple[int, ...] = (0, 1, 2)) -> TensorDataset:
-    g = torch.Generator().manual_seed(seed)
-    y = torch.tensor(classes)[torch.randint(len(classes), (n,), generator=g)]
-    return TensorDataset(torch.randn(n, 4, generator=g) + y[:, None].float(), y)
 
 
 def run_update(learner: Any, data: TensorDataset, step_hook: Any = None) -> None:
@@ -111,8 +101,8 @@ def test_a_replay_weight_of_zero_draws_nothing_and_trains_on_the_new_data_alone(
             expected = F.cross_entropy(model(batch[0]), batch[1])
         assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
 
-    run_update(learner, make_data(16, seed=1), check)
-    run_update(learner, make_data(16, seed=2), check)
+    run_update(learner, blobs(16, seed=1), check)
+    run_update(learner, blobs(16, seed=2), check)
     assert len(learner.memory) == 20 and draws == [0]
 
 
@@ -123,8 +113,8 @@ def test_a_memory_batch_of_zero_replays_nothing() -> None:
     draws = count_draws(learner)
     forwards = [0]
     model.register_forward_hook(lambda m, args, out: forwards.__setitem__(0, forwards[0] + out.shape[0] * m.training))
-    run_update(learner, make_data(16, seed=1))
-    run_update(learner, make_data(16, seed=2))
+    run_update(learner, blobs(16, seed=1))
+    run_update(learner, blobs(16, seed=2))
     assert draws == [0] and forwards[0] == 32  # only the new items went through the model in training
 
 
@@ -132,7 +122,7 @@ def test_a_loss_weight_of_two_doubles_the_new_data_term() -> None:
     model = mlp()
     learner = ExperienceReplayLearner(model=model, optimizer=SGD, memory_size=20, batch_size=8, memory_batch_size=4,
                                       loss_weight=2.0, loss_normalization=0, seed=0)  # fmt: skip
-    learner.on_model_update_start(make_data(8, seed=1), None)
+    learner.on_model_update_start(blobs(8, seed=1), None)
     x, y = next(iter(learner.train_dataloader()))
     loss = learner.training_step((x, y), 0)  # empty memory: the new-data term alone, not normalised
     with torch.no_grad():
@@ -148,7 +138,7 @@ def test_each_drawn_memory_batch_is_refreshed_once_per_step() -> None:
         model=mlp(hidden=(8, 6)), optimizer=SGD, memory_size=40, batch_size=8, memory_batch_size=4, seed=0,
         ema_memory_update_gamma=0.5,
     )  # fmt: skip
-    run_update(learner, make_data(16, seed=1))
+    run_update(learner, blobs(16, seed=1))
     refreshed: list[int] = []
     real = learner._refresh_metadata
 
@@ -158,7 +148,7 @@ def test_each_drawn_memory_batch_is_refreshed_once_per_step() -> None:
 
     learner._refresh_metadata = refresh
     draws = count_draws(learner)
-    run_update(learner, make_data(16, seed=2))
+    run_update(learner, blobs(16, seed=2))
     assert draws == [6] and refreshed == [4] * 6  # 2 steps x 3 batches
 
 
@@ -175,7 +165,7 @@ def test_each_drawn_memory_batch_is_refreshed_once_per_step() -> None:
 )
 def test_each_method_stores_and_requires_only_its_own_memory_columns(learner_class: type, columns: dict) -> None:
     learner = learner_class(model=mlp(), optimizer=SGD, memory_size=20, batch_size=8, memory_batch_size=4, seed=0)
-    run_update(learner, make_data(16, seed=1))
+    run_update(learner, blobs(16, seed=1))
     stored = {name: tuple(value.shape[1:]) for name, value in learner.memory.raw_items()[2].items()}
     assert stored == columns
     required = learner.required_memory_metadata()
